@@ -1,0 +1,1 @@
+"""Fine-tuning with Accelerate: recipe -> data -> model -> loop -> export."""

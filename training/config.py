@@ -1,0 +1,332 @@
+"""Every training option, as one typed dataclass; recipes (YAML) and CLI flags fill it.
+
+Precedence: dataclass defaults < recipe file < command-line flags. Each field's docstring
+(the string literal right below it) is its `--help` text, so the documentation lives in one
+place. Flag names follow the transformers `*_no_trainer.py` examples users already know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+Task = Literal["text-classification", "text-generation", "image-classification"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the recipe or flags; printed as one line, exit code 2."""
+
+
+@dataclass
+class FinetuneConfig:
+    # --- what to train -------------------------------------------------------------------
+    task: Task = "text-classification"
+    """Task to fine-tune for: text-classification, text-generation or image-classification."""
+    model_name_or_path: str = ""
+    """Hub model id or local Hugging Face folder to start from."""
+    base_model_id: str | None = None
+    """Hub id recorded as `base_model` in the model card (default: model_name_or_path)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model repository (off unless you trust it)."""
+
+    # --- data --------------------------------------------------------------------------
+    dataset_name: str | None = None
+    """Hub dataset id (or a local dataset folder) to load with datasets.load_dataset."""
+    dataset_config_name: str | None = None
+    """Configuration (subset) of the Hub dataset, e.g. `sst2` for `nyu-mll/glue`."""
+    dataset_id: str | None = None
+    """Hub id recorded under `datasets` in the model card (default: dataset_name)."""
+    train_file: str | None = None
+    """Local training file: csv, json, jsonl or parquet."""
+    validation_file: str | None = None
+    """Local validation file (same formats); default: split off train by validation_split_percentage."""
+    test_file: str | None = None
+    """Local test file, evaluated once with the final model."""
+    train_dir: str | None = None
+    """Image folder `<class>/<image>` (or Caltech101's `101_ObjectCategories`) for training."""
+    validation_dir: str | None = None
+    """Image folder `<class>/<image>` for validation."""
+    train_split: str = "train"
+    """Split of the Hub dataset used for training."""
+    validation_split: str | None = None
+    """Split used for validation (default: `validation`, then `test`, else split off train)."""
+    test_split: str | None = None
+    """Split evaluated once with the final model (default: none)."""
+    validation_split_percentage: float = 10.0
+    """Percent of train held out for validation when the data has no validation split."""
+    train_samples_per_class: int | None = None
+    """Image folders without validation data: take this many training images per class, rest to eval (Caltech101 protocol: 30)."""
+    drop_background_class: bool = True
+    """Caltech101 folder layout: drop the BACKGROUND_Google clutter class."""
+    text_column: str | None = None
+    """Column holding the text (default: `text`, `sentence`, `content` or `review`, whichever exists)."""
+    text_pair_column: str | None = None
+    """Second text column for sentence-pair classification (e.g. `sentence2`)."""
+    label_column: str = "label"
+    """Column holding the class label (ints or strings)."""
+    image_column: str | None = None
+    """Column holding the image (default: `image` or `img`, whichever exists)."""
+    label_names: list[str] | None = None
+    """Class names for integer labels without names, in label order (e.g. `negative,positive`)."""
+    max_train_samples: int | None = None
+    """Use at most this many training examples (seeded random subset; for quick runs)."""
+    max_eval_samples: int | None = None
+    """Use at most this many validation/test examples (seeded random subset)."""
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    """What to do with an image that cannot be decoded: skip it (counted) or fail."""
+    preprocessing_num_workers: int | None = None
+    """Processes for tokenisation with datasets.map (default: one)."""
+
+    # --- inputs ------------------------------------------------------------------------
+    max_length: int = 128
+    """Classification: truncate texts to this many tokens."""
+    block_size: int = 128
+    """Text generation: length of the token blocks the corpus is cut into."""
+    group_by_length: bool = True
+    """Classification: batch texts of similar length together (less padding, faster)."""
+    freeze: str = "none"
+    """Image models: `none` (fine-tune all), `backbone` (train the head only) or `partial:N` (last N stages too)."""
+
+    # --- optimisation ------------------------------------------------------------------
+    per_device_train_batch_size: int = 16
+    """Training batch size per device (process)."""
+    per_device_eval_batch_size: int = 64
+    """Evaluation batch size per device (process)."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    num_train_epochs: float = 3.0
+    """Number of passes over the training data."""
+    max_train_steps: int | None = None
+    """Total optimizer steps; overrides num_train_epochs when set."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr_scheduler_type: str = "linear"
+    """Scheduler from transformers.get_scheduler: linear, cosine, constant, constant_with_warmup, ..."""
+    num_warmup_steps: int = 0
+    """Linear warm-up steps of the learning rate."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this norm (none: no clipping)."""
+    seed: int = 42
+    """Random seed: data order, initialisation of new heads, dropout, augmentations."""
+
+    # --- evaluation, checkpoints, output ---------------------------------------------------
+    output_dir: str = "models/finetuned"
+    """Where the exported model folder goes; training state lives in its `checkpoints/`."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty folder that is not one of our runs, or restarting a run from scratch."""
+    eval_steps: int | None = None
+    """Also evaluate every N optimizer steps (always evaluated at the end of each epoch)."""
+    checkpointing_steps: str | None = "epoch"
+    """Save training state every N steps (an integer) or at the end of each `epoch`; none: never."""
+    checkpoints_total_limit: int = 2
+    """Keep only the last N training-state checkpoints."""
+    resume_from_checkpoint: str | None = None
+    """Resume from a checkpoint folder, or `latest` for the newest in output_dir/checkpoints."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improving the main metric."""
+    with_tracking: bool = False
+    """Log metrics to experiment trackers (see report_to)."""
+    report_to: str = "all"
+    """Trackers for with_tracking: all, tensorboard, wandb, mlflow, comet_ml, ..."""
+    run_name: str | None = None
+    """Name of the run in trackers and the model card (default: output folder name)."""
+    logging_steps: int = 10
+    """Record the training loss every N optimizer steps."""
+
+
+# --------------------------------------------------------------------------------------------
+# Field documentation: the docstring below each field.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each dataclass field to the string literal written right below it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# Type conversion shared by YAML values and CLI strings.
+
+
+def _strip_optional(tp: object) -> tuple[object, bool]:
+    """`X | None` -> (X, True)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _convert(name: str, value: object, tp: object) -> object:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the field."""
+    base, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"--{name} needs a value")
+    origin = typing.get_origin(base)
+    try:
+        if origin is Literal:
+            choices = typing.get_args(base)
+            if value not in choices:
+                raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            return value
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+            return [str(item).strip() for item in items if str(item).strip()]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"--{name} must be true or false; got {value!r}")
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)  # type: ignore[arg-type]
+        if base is float:
+            return float(value)  # type: ignore[arg-type]
+        return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(base, "__name__", str(base))
+        raise ConfigError(f"--{name} must be {kind}; got {value!r}") from None
+
+
+def _field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(FinetuneConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(FinetuneConfig)}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: `--recipe` plus one flag per config field, help from the field docstrings."""
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch training/finetune.py",
+        description="Fine-tune a Hugging Face model with Accelerate. Flags override the recipe.",
+        argument_default=argparse.SUPPRESS,  # unset flags stay unset, so the recipe shows through
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--recipe", help="YAML file whose keys are the flags below (without --).")
+    docs = field_docs(FinetuneConfig)
+    defaults = FinetuneConfig()
+    for name, tp in _field_types().items():
+        base, _ = _strip_optional(tp)
+        help_text = docs.get(name, "")
+        default = getattr(defaults, name)
+        if base is bool:
+            parser.add_argument(
+                f"--{name}", nargs="?", const="true", metavar="BOOL", help=f"{help_text} (default: {default})"
+            )
+            continue
+        kwargs: dict = {"help": f"{help_text} (default: {default})", "metavar": name.upper()}
+        if typing.get_origin(base) is Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+            kwargs.pop("metavar")
+        parser.add_argument(f"--{name}", **kwargs)
+    parser.formatter_class = argparse.HelpFormatter  # defaults are already in the help text
+    return parser
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a YAML recipe: a flat mapping of field names to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of option names to values")
+    return data
+
+
+def make_config(values: dict) -> FinetuneConfig:
+    """Build a validated FinetuneConfig from raw (YAML or CLI) values."""
+    types_ = _field_types()
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+    converted = {name: _convert(name, value, types_[name]) for name, value in values.items()}
+    config = FinetuneConfig(**converted)
+    validate(config)
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    """Parse `--recipe` and flags into a FinetuneConfig (flags override the recipe)."""
+    namespace = vars(build_parser().parse_args(argv))
+    recipe = namespace.pop("recipe", None)
+    values = load_recipe(recipe) if recipe else {}
+    values.update(namespace)
+    return make_config(values)
+
+
+_FREEZE = re.compile(r"^(none|backbone|partial:\d+)$")
+
+
+def validate(config: FinetuneConfig) -> None:
+    """Cross-field checks; raise ConfigError with one clear line."""
+    if config.task not in TASKS:
+        raise ConfigError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+    if not config.model_name_or_path:
+        raise ConfigError("--model_name_or_path is required")
+    sources = [config.dataset_name, config.train_file, config.train_dir]
+    if sum(s is not None for s in sources) != 1:
+        raise ConfigError("give exactly one data source: --dataset_name, --train_file or --train_dir")
+    if config.train_dir and config.task != "image-classification":
+        raise ConfigError("--train_dir (image folders) is for --task image-classification")
+    if not _FREEZE.match(config.freeze):
+        raise ConfigError(f"--freeze must be none, backbone or partial:N; got {config.freeze!r}")
+    if config.freeze != "none" and config.task != "image-classification":
+        raise ConfigError("--freeze applies to image-classification models")
+    ckpt = config.checkpointing_steps
+    if ckpt is not None and ckpt != "epoch" and not (ckpt.isdigit() and int(ckpt) > 0):
+        raise ConfigError(f"--checkpointing_steps must be a positive integer or 'epoch'; got {ckpt!r}")
+    positive = {
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "per_device_eval_batch_size": config.per_device_eval_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "max_length": config.max_length,
+        "block_size": config.block_size,
+        "logging_steps": config.logging_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"--{name} must be positive; got {value}")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate must be positive; got {config.learning_rate}")
+    if not 0 < config.validation_split_percentage < 100:
+        raise ConfigError("--validation_split_percentage must be between 0 and 100")
+
+
+def to_dict(config: FinetuneConfig) -> dict:
+    """Plain dict of the config (for logs, trackers and the saved run config)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,274 @@
+"""Load the training data: Hub dataset | local csv/json/parquet | image folders -> DatasetDict.
+
+The result always has a `train` and a `validation` split (split off train, seeded, when the
+source has none) and optionally `test`. Classification labels are normalised to integer ids
+with real class names (`LabelSpace`), whatever the source used (ClassLabel, strings, ints).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from training.config import ConfigError, FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CALTECH_BACKGROUND = "BACKGROUND_Google"
+TEXT_CANDIDATES = ("text", "sentence", "content", "review", "sentence1", "document")
+IMAGE_CANDIDATES = ("image", "img", "pixel_values", "picture")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _builder_for(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise ConfigError(f"{path}: unsupported file type {suffix or '(none)'}; use csv, json, jsonl or parquet")
+    if not Path(path).is_file():
+        raise ConfigError(f"{path} does not exist")
+    return FILE_BUILDERS[suffix]
+
+
+def _load_files(config: FinetuneConfig) -> DatasetDict:
+    files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
+    files = {split: path for split, path in files.items() if path}
+    builders = {_builder_for(path) for path in files.values()}
+    if len(builders) > 1:
+        raise ConfigError("train/validation/test files must share one format")
+    builder = builders.pop()
+    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in files.values()) else {}
+    return datasets.load_dataset(builder, data_files=files, **kwargs)
+
+
+def _load_hub(config: FinetuneConfig) -> DatasetDict:
+    loaded = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({"train": loaded})
+    if config.train_split not in loaded:
+        raise ConfigError(
+            f"dataset {config.dataset_name} has no split {config.train_split!r}; splits: {', '.join(loaded)}"
+        )
+    out = {"train": loaded[config.train_split]}
+    val = config.validation_split or next((s for s in ("validation", "valid", "test") if s in loaded), None)
+    if config.validation_split and val not in loaded:
+        raise ConfigError(f"dataset {config.dataset_name} has no split {val!r}; splits: {', '.join(loaded)}")
+    if val is not None and val != config.train_split:
+        out["validation"] = loaded[val]
+    if config.test_split:
+        if config.test_split not in loaded:
+            raise ConfigError(f"dataset {config.dataset_name} has no split {config.test_split!r}")
+        out["test"] = loaded[config.test_split]
+    return DatasetDict(out)
+
+
+def find_class_folders(root: Path, drop_background: bool) -> tuple[Path, list[str]]:
+    """Locate the folder whose sub-folders are the classes; Caltech101's layout included."""
+    if not root.is_dir():
+        raise ConfigError(f"image folder {root} does not exist")
+    caltech = root / "101_ObjectCategories"
+    if caltech.is_dir():
+        root = caltech
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if drop_background and CALTECH_BACKGROUND in classes:
+        classes.remove(CALTECH_BACKGROUND)
+    if not classes:
+        raise ConfigError(f"image folder {root} has no class sub-folders (<class>/<image files>)")
+    return root, classes
+
+
+def _image_folder(root: Path, classes: list[str], config: FinetuneConfig) -> Dataset:
+    """A Dataset of (image path, class id) from `root/<class>/*`; undecodable images skipped or fatal."""
+    from PIL import Image as PILImage
+
+    paths, labels, bad = [], [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue  # validation folder without this class
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with PILImage.open(path) as img:
+                    img.verify()  # header + structure, without decoding all pixels
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+                if config.on_bad_image == "fail":
+                    raise ConfigError(f"cannot decode image {path}: {err}") from None
+                bad.append(path)
+                continue
+            paths.append(str(path))
+            labels.append(label)
+    if bad:
+        logger.warning("skipped %d undecodable image(s) under %s, e.g. %s", len(bad), root, bad[0])
+    if not paths:
+        raise ConfigError(f"no decodable images found under {root}")
+    features = datasets.Features({"image": datasets.Image(), "label": ClassLabel(names=classes)})
+    return Dataset.from_dict({"image": paths, "label": labels}, features=features)
+
+
+def _split_per_class(ds: Dataset, per_class: int, seed: int) -> DatasetDict:
+    """Seeded split: `per_class` training images of each class, the rest for evaluation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(ds["label"])
+    train_idx, eval_idx = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        train_idx.extend(idx[:per_class].tolist())
+        eval_idx.extend(idx[per_class:].tolist())
+    if not eval_idx:
+        raise ConfigError(f"--train_samples_per_class {per_class} leaves no images for evaluation")
+    return DatasetDict({"train": ds.select(sorted(train_idx)), "validation": ds.select(sorted(eval_idx))})
+
+
+def _load_image_dirs(config: FinetuneConfig) -> DatasetDict:
+    root = Path(config.train_dir)  # type: ignore[arg-type]
+    is_caltech = (root / "101_ObjectCategories").is_dir() or (root / CALTECH_BACKGROUND).is_dir()
+    root, classes = find_class_folders(root, config.drop_background_class)
+    train = _image_folder(root, classes, config)
+    if config.validation_dir:
+        val_root, val_classes = find_class_folders(Path(config.validation_dir), config.drop_background_class)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise ConfigError(f"validation classes not in training data: {', '.join(unknown[:5])}")
+        return DatasetDict({"train": train, "validation": _image_folder(val_root, classes, config)})
+    per_class = config.train_samples_per_class or (30 if is_caltech else None)
+    if per_class:
+        return _split_per_class(train, per_class, config.seed)
+    return DatasetDict({"train": train})
+
+
+def load_raw_datasets(config: FinetuneConfig) -> DatasetDict:
+    """Load train/validation(/test) splits from the configured source, subsampled if asked."""
+    if config.train_dir:
+        raw = _load_image_dirs(config)
+    elif config.train_file:
+        raw = _load_files(config)
+    else:
+        raw = _load_hub(config)
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(
+            test_size=config.validation_split_percentage / 100, seed=config.seed, shuffle=True
+        )
+        raw["train"], raw["validation"] = split["train"], split["test"]
+    for split, limit in (("train", config.max_train_samples), ("validation", config.max_eval_samples),
+                         ("test", config.max_eval_samples)):
+        if limit is not None and split in raw and len(raw[split]) > limit:
+            raw[split] = raw[split].shuffle(seed=config.seed).select(range(limit))
+    for split, ds in raw.items():
+        if len(ds) == 0:
+            raise ConfigError(f"the {split} split is empty")
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Columns and labels.
+
+
+def resolve_column(ds: Dataset, requested: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """The column to use: the requested one (must exist) or the first candidate present."""
+    columns = ds.column_names
+    if requested:
+        if requested not in columns:
+            raise ConfigError(f"{what} column {requested!r} not found; columns are: {', '.join(columns)}")
+        return requested
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ConfigError(f"no {what} column found (tried {', '.join(candidates)}); columns are: {', '.join(columns)}"
+                      f" — pass --{what}_column")
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """Class names in id order; `id2label`/`label2id` for the model config."""
+
+    names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def _is_generic(names: list[str]) -> bool:
+    return all(name == f"LABEL_{i}" for i, name in enumerate(names))
+
+
+def encode_labels(raw: DatasetDict, label_column: str, label_names: list[str] | None,
+                  model_labels: dict[int, str] | None = None) -> tuple[DatasetDict, LabelSpace]:
+    """Turn the label column into ids 0..K-1 named by real class names.
+
+    Names come from, in order: a ClassLabel feature, string labels (sorted), `--label_names`,
+    the base model's own non-generic `id2label` of the same size, else the integers themselves.
+    """
+    train = raw["train"]
+    if label_column not in train.column_names:
+        raise ConfigError(f"label column {label_column!r} not found; columns are: {', '.join(train.column_names)}")
+    feature = train.features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        if label_names:
+            if len(label_names) != len(names):
+                raise ConfigError(f"--label_names has {len(label_names)} names but the data has {len(names)} classes")
+            names = list(label_names)
+        encoded = raw
+    else:
+        values = sorted(set(train[label_column]) - {None})
+        if values and isinstance(values[0], str):
+            names = [str(v) for v in values]
+            mapping = {v: i for i, v in enumerate(values)}
+        else:
+            ints = [int(v) for v in values]
+            if ints != list(range(len(ints))):
+                # Non-contiguous integer labels (e.g. 1..5 stars): map in sorted order.
+                mapping = {v: i for i, v in enumerate(values)}
+            else:
+                mapping = {v: int(v) for v in values}
+            if label_names:
+                if len(label_names) != len(values):
+                    raise ConfigError(
+                        f"--label_names has {len(label_names)} names but the data has {len(values)} classes")
+                names = list(label_names)
+            elif model_labels and len(model_labels) == len(values) and not _is_generic(
+                    [model_labels[i] for i in sorted(model_labels)]):
+                names = [model_labels[i] for i in sorted(model_labels)]
+            else:
+                names = [str(v) for v in values]
+
+        def _encode(batch: dict) -> dict:
+            out = []
+            for value in batch[label_column]:
+                if value not in mapping:
+                    raise ConfigError(f"label {value!r} appears in evaluation data but not in training data")
+                out.append(mapping[value])
+            return {label_column: out}
+
+        encoded = DatasetDict({
+            split: ds.filter(lambda b: [v is not None for v in b[label_column]], batched=True).map(
+                _encode, batched=True).cast_column(label_column, ClassLabel(names=names))
+            for split, ds in raw.items()
+        })
+    if len(names) < 2:
+        raise ConfigError(f"label column {label_column!r} has only one class ({names[0] if names else 'none'}); "
+                          "classification needs at least two")
+    return encoded, LabelSpace(names)
+
+
+def cpu_count() -> int:
+    """Cores usable by this process."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,218 @@
+"""Write the final model folder atomically: weights, processor, model card, results, curves.
+
+Everything is written into a hidden folder beside the target (`.<name>.export-<id>`) and
+swapped into place in one rename, so a reader (the server, a copy) sees the previous model
+or the new one, never half of either. The run's `checkpoints/` moves along with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from training.config import FinetuneConfig, to_dict
+from training.tasks.base import TaskBundle
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "all_results.json"
+CURVES_FILE = "training_curves.png"
+RUN_CONFIG_FILE = "training_config.yaml"
+# Files of a save_pretrained model folder that are copied from the best checkpoint.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Make the complete folder `tmp` appear at `target`; the old target is removed."""
+    if not target.exists():
+        tmp.rename(target)
+        return
+    if exchange_dirs(tmp, target):
+        shutil.rmtree(tmp)  # now holds the previous content
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(old)  # brief window without a folder, never a half one
+    tmp.rename(target)
+    shutil.rmtree(old)
+
+
+def _make_readable(folder: Path) -> None:
+    """safetensors writes 0600 files; a server running as another user must read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+# --------------------------------------------------------------------------------------------
+# Model card.
+
+
+def _dataset_id(config: FinetuneConfig) -> str:
+    if config.dataset_id:
+        return config.dataset_id
+    if config.dataset_name:
+        return config.dataset_name
+    source = config.train_file or config.train_dir or "local"
+    return Path(source).parent.name or Path(source).stem
+
+
+def build_model_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict) -> ModelCard:
+    """Hub model card: YAML metadata (pipeline_tag, base_model, datasets, model-index) + prose."""
+    name = config.run_name or Path(config.output_dir).name
+    dataset = _dataset_id(config)
+    split = "test" if any(k.startswith("test_") for k in results) else "validation"
+    prefix = "test_" if split == "test" else "eval_"
+    metric_keys = ("accuracy", "f1_macro") if bundle.pipeline_tag != "text-generation" else ("perplexity", "loss")
+    eval_results = [
+        EvalResult(task_type=bundle.pipeline_tag, dataset_type=dataset, dataset_name=dataset,
+                   dataset_config=config.dataset_config_name, dataset_split=split,
+                   metric_type=key, metric_value=round(float(results[prefix + key]), 4))
+        for key in metric_keys if isinstance(results.get(prefix + key), (int, float))
+    ]
+    data = ModelCardData(
+        model_name=name,
+        base_model=config.base_model_id or config.model_name_or_path,
+        datasets=[dataset],
+        pipeline_tag=bundle.pipeline_tag,
+        library_name="transformers",
+        license="apache-2.0",
+        tags=["generated_from_trainer", "accelerate", bundle.pipeline_tag],
+        eval_results=eval_results or None,
+    )
+    metrics_rows = "\n".join(
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in results.items() if isinstance(v, (int, float))
+    )
+    labels = ", ".join(bundle.labels.names) if bundle.labels else "n/a"
+    hyper = {k: getattr(config, k) for k in (
+        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+        "max_train_steps", "lr_scheduler_type", "num_warmup_steps", "weight_decay", "seed", "max_length",
+        "block_size", "freeze")}
+    body = f"""
+# {name}
+
+Fine-tuned from `{data.base_model}` on `{dataset}` for **{bundle.pipeline_tag}** with
+`accelerate launch training/finetune.py`.
+
+- Labels: {labels}
+- Trained on {results.get('train_examples')} examples, evaluated on {results.get('eval_examples')}
+- Hardware: {world.get('num_processes')} process(es) on {world.get('device')}, mixed precision {world.get('mixed_precision')}
+
+## Results
+
+| metric | value |
+|---|---|
+{metrics_rows}
+
+![training curves]({CURVES_FILE})
+
+## Use
+
+```python
+from transformers import pipeline
+
+pipe = pipeline("{bundle.pipeline_tag}", model="path/to/this/folder")
+```
+
+## Training hyper-parameters
+
+```yaml
+{yaml.safe_dump(hyper, sort_keys=False).strip()}
+```
+
+The complete configuration is in `{RUN_CONFIG_FILE}`.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
+    """Training loss and eval metric against optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r[f"eval_{main_metric}"]) for r in history if f"eval_{main_metric}" in r]
+    eval_loss = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        ax_loss.plot(*zip(*train, strict=True), label="train loss")
+    if eval_loss:
+        ax_loss.plot(*zip(*eval_loss, strict=True), "o-", label="eval loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    if evals:
+        ax_metric.plot(*zip(*evals, strict=True), "o-", color="tab:green")
+    ax_metric.set_xlabel("step")
+    ax_metric.set_ylabel(f"eval {main_metric}")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, results: dict,
+                 history: list[dict], world: dict) -> Path:
+    """Assemble the model folder from the best checkpoint and swap it into `config.output_dir`."""
+    target = Path(config.output_dir).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.export-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        copied = [f for f in MODEL_FILES if (best_dir / f).is_file()]
+        copied += [p.name for p in best_dir.glob("model-*.safetensors")]  # shards of large models
+        if "config.json" not in copied or not any(f.endswith(".safetensors") for f in copied):
+            raise RuntimeError(f"best checkpoint {best_dir} is incomplete")
+        for name in copied:
+            shutil.copy2(best_dir / name, tmp / name)
+        bundle.processor.save_pretrained(tmp)
+        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        (tmp / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        plot_curves(history, bundle.main_metric, tmp / CURVES_FILE)
+        build_model_card(config, bundle, results, world).save(tmp / "README.md")
+        _make_readable(tmp)
+        checkpoints = target / "checkpoints"
+        if checkpoints.is_dir():
+            checkpoints.rename(tmp / "checkpoints")  # same filesystem: a rename, not a copy
+        swap_into_place(tmp, target)
+    except BaseException:
+        if (tmp / "checkpoints").is_dir() and not (target / "checkpoints").exists() and target.is_dir():
+            (tmp / "checkpoints").rename(target / "checkpoints")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s", target)
+    return target

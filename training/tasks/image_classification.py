@@ -1,0 +1,174 @@
+"""Image classification: any AutoModelForImageClassification (ResNet, MobileNetV2, ViT, ...).
+
+Transfer learning: the pretrained backbone gets a new head sized to the dataset's classes
+(`ignore_mismatched_sizes`); `--freeze` chooses what trains. Augmentation is done with PIL
+and torch (no torchvision): random resized crop + horizontal flip for training; evaluation
+uses the model's own image processor, exactly what the served pipeline will use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from training.config import ConfigError, FinetuneConfig
+from training.data import IMAGE_CANDIDATES, encode_labels, resolve_column
+from training.tasks.base import TaskBundle, classification_eval_step, classification_metrics_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation (torchvision's RandomResizedCrop semantics, drawing from torch's global RNG so
+# that checkpoints capture it).
+
+
+def random_resized_crop(image: Image.Image, size: tuple[int, int], scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """Crop a random area (scale) of random aspect (ratio), resized to size = (height, width)."""
+    width, height = image.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * float(torch.empty(1).uniform_(*scale))
+        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)))
+            left = int(torch.randint(0, width - w + 1, (1,)))
+            break
+    else:  # fall back to a central crop within the ratio bounds
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            w, h = round(height * ratio[1]), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return image.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + w, top + h))
+
+
+class TrainTransform:
+    """RGB -> random resized crop -> random flip -> rescale + normalise like the processor."""
+
+    def __init__(self, processor) -> None:
+        probe = processor(Image.new("RGB", (320, 320)), return_tensors="pt")["pixel_values"]
+        self.size = tuple(probe.shape[-2:])
+        rescale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0
+        mean = np.array(processor.image_mean if getattr(processor, "do_normalize", True) else [0.0] * 3)
+        std = np.array(processor.image_std if getattr(processor, "do_normalize", True) else [1.0] * 3)
+        # pixel * scale + shift == (pixel * rescale - mean) / std
+        self.scale = torch.tensor(rescale / std, dtype=torch.float32).view(3, 1, 1)
+        self.shift = torch.tensor(-mean / std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = random_resized_crop(image.convert("RGB"), self.size)
+        if float(torch.rand(1)) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+        return pixels * self.scale + self.shift
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing.
+
+
+def _stage_list(backbone: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The backbone's main sequence of blocks: the largest ModuleList (ResNet/ConvNext stages,
+    MobileNetV2 inverted residual layers, ViT encoder layers)."""
+    lists = [m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else None
+
+
+def apply_freeze(model: torch.nn.Module, policy: str) -> None:
+    """`none`: train all; `backbone`: head only; `partial:N`: head + last N stages + what follows them."""
+    if policy == "none":
+        return
+    backbone = model.base_model
+    if backbone is model:
+        raise ConfigError(f"--freeze {policy}: cannot tell backbone from head in {type(model).__name__}")
+    for param in backbone.parameters():
+        param.requires_grad = False
+    if policy.startswith("partial:"):
+        n = int(policy.split(":")[1])
+        stages = _stage_list(backbone)
+        if stages is None or n > len(stages):
+            raise ConfigError(f"--freeze {policy}: the backbone has {len(stages) if stages else 0} stages")
+        if n == 0:
+            return
+        first = next(stages[-n].parameters())
+        unfreeze = False
+        # named_parameters follows registration order: the last N stages and anything registered
+        # after them (final conv, pooler, layer norm) train.
+        for _, param in backbone.named_parameters():
+            unfreeze = unfreeze or param is first
+            if unfreeze:
+                param.requires_grad = True
+
+
+def frozen_batchnorm_to_eval(model: torch.nn.Module) -> None:
+    """Frozen batch-norm layers keep their pretrained running statistics."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
+    """Load processor + model with a new head; on-the-fly transforms; freeze policy."""
+    image_col = resolve_column(raw["train"], config.image_column, IMAGE_CANDIDATES, "image")
+    raw, labels = encode_labels(raw, config.label_column, config.label_names)
+    processor = AutoImageProcessor.from_pretrained(config.model_name_or_path,
+                                                   trust_remote_code=config.trust_remote_code)
+    model = AutoModelForImageClassification.from_pretrained(
+        config.model_name_or_path, num_labels=len(labels.names), id2label=labels.id2label,
+        label2id=labels.label2id, ignore_mismatched_sizes=True, trust_remote_code=config.trust_remote_code,
+    )
+    apply_freeze(model, config.freeze)
+    train_transform = TrainTransform(processor)
+    label_col = config.label_column
+
+    def train_batch(batch: dict) -> dict:
+        return {"pixel_values": [train_transform(img) for img in batch[image_col]], "labels": batch[label_col]}
+
+    def eval_batch(batch: dict) -> dict:
+        pixels = processor([img.convert("RGB") for img in batch[image_col]], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixels), "labels": batch[label_col]}
+
+    keep = [image_col, label_col]
+    splits = {split: ds.select_columns(keep) for split, ds in raw.items()}
+    splits["train"].set_transform(train_batch)
+    for split in ("validation", "test"):
+        if split in splits:
+            splits[split].set_transform(eval_batch)
+
+    def collate(examples: list[dict]) -> dict:
+        return {
+            "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
+            "labels": torch.tensor([ex["labels"] for ex in examples], dtype=torch.long),
+        }
+
+    return TaskBundle(
+        model=model,
+        processor=processor,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        test_dataset=splits.get("test"),
+        collate_fn=collate,
+        eval_step=classification_eval_step,
+        compute_metrics=classification_metrics_fn(len(labels.names)),
+        main_metric="accuracy",
+        greater_is_better=True,
+        pipeline_tag="image-classification",
+        labels=labels,
+        on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" else None,
+        extra_card_info={"freeze": config.freeze},
+    )
