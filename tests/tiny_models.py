@@ -85,7 +85,11 @@ def build_tiny_gpt2(out: Path, labels: list[str] | None = None, seed: int = 0) -
 
 def build_tiny_mobilenet_v2(out: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
     """A MobileNetV2 (depth multiplier 0.35) at 64x64 input with its image processor."""
-    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessorPil
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        MobileNetV2ImageProcessorPil,
+    )
 
     torch.manual_seed(seed)
     labels = labels or [f"class_{i}" for i in range(3)]

@@ -20,7 +20,6 @@ from training.config import ConfigError, FinetuneConfig
 from training.data import IMAGE_CANDIDATES, encode_labels, resolve_column
 from training.tasks.base import TaskBundle, classification_eval_step, classification_metrics_fn
 
-
 # --------------------------------------------------------------------------------------------
 # Augmentation (torchvision's RandomResizedCrop semantics, drawing from torch's global RNG so
 # that checkpoints capture it).

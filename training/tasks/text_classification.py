@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 
 from datasets import DatasetDict
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+)
 
 from training.config import FinetuneConfig
 from training.data import TEXT_CANDIDATES, encode_labels, resolve_column
