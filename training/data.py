@@ -116,12 +116,12 @@ def _image_folder(root: Path, classes: list[str], config: FinetuneConfig) -> Dat
     return Dataset.from_dict({"image": paths, "label": labels}, features=features)
 
 
-def _split_per_class(ds: Dataset, per_class: int, seed: int) -> DatasetDict:
-    """Seeded split: `per_class` training images of each class, the rest for evaluation."""
+def _split_per_class(ds: Dataset, label_column: str, per_class: int, seed: int) -> DatasetDict:
+    """Seeded split: `per_class` training examples of each class, the rest for evaluation."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    labels = np.asarray(ds["label"])
+    labels = np.asarray(ds[label_column])
     train_idx, eval_idx = [], []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
@@ -143,9 +143,8 @@ def _load_image_dirs(config: FinetuneConfig) -> DatasetDict:
         if unknown:
             raise ConfigError(f"validation classes not in training data: {', '.join(unknown[:5])}")
         return DatasetDict({"train": train, "validation": _image_folder(val_root, classes, config)})
-    per_class = config.train_samples_per_class or (30 if is_caltech else None)
-    if per_class:
-        return _split_per_class(train, per_class, config.seed)
+    if is_caltech and config.train_samples_per_class is None:
+        config.train_samples_per_class = 30  # the usual Caltech101 protocol
     return DatasetDict({"train": train})
 
 
@@ -157,6 +156,12 @@ def load_raw_datasets(config: FinetuneConfig) -> DatasetDict:
         raw = _load_files(config)
     else:
         raw = _load_hub(config)
+    if "validation" not in raw and config.train_samples_per_class:
+        if config.label_column not in raw["train"].column_names:
+            raise ConfigError(f"label column {config.label_column!r} not found; "
+                              f"columns are: {', '.join(raw['train'].column_names)}")
+        split = _split_per_class(raw["train"], config.label_column, config.train_samples_per_class, config.seed)
+        raw["train"], raw["validation"] = split["train"], split["validation"]
     if "validation" not in raw:
         split = raw["train"].train_test_split(
             test_size=config.validation_split_percentage / 100, seed=config.seed, shuffle=True

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,9 @@ from training.tasks.base import TaskBundle
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+# Tests set this to SIGKILL the run right after an optimizer step: exactly what `kill -9` at
+# that moment does (no cleanup, no flush), without racing a timer.
+_KILL_AT_STEP = int(os.environ.get("FINETUNE_KILL_AT_STEP", "0")) or None
 BEST_DIR = "best"
 
 
@@ -313,6 +318,8 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
 
             scheduler.step()
             state.global_step += 1
+            if state.global_step == _KILL_AT_STEP:  # fault injection for the resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
             if state.global_step % config.logging_steps == 0 or state.global_step == max_steps:
                 mean_loss = float(accelerator.reduce(running_loss / max(running_count, 1), reduction="mean"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import datasets
 import numpy as np
 import torch
 from datasets import DatasetDict
@@ -124,6 +125,8 @@ def frozen_batchnorm_to_eval(model: torch.nn.Module) -> None:
 def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
     """Load processor + model with a new head; on-the-fly transforms; freeze policy."""
     image_col = resolve_column(raw["train"], config.image_column, IMAGE_CANDIDATES, "image")
+    if not isinstance(raw["train"].features[image_col], datasets.Image):
+        raw = raw.cast_column(image_col, datasets.Image())  # e.g. a csv column of file paths
     raw, labels = encode_labels(raw, config.label_column, config.label_names)
     processor = AutoImageProcessor.from_pretrained(config.model_name_or_path,
                                                    trust_remote_code=config.trust_remote_code)
