@@ -131,7 +131,11 @@ def build_image_processor(arch: str):
     }
     if arch == "mobilenet_v2":
         name = "MobileNetV2ImageProcessor"
-        kwargs = {"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}
+        kwargs = {
+            "size": {"shortest_edge": 256},
+            "do_center_crop": True,
+            "crop_size": {"height": 224, "width": 224},
+        }
     else:
         # ConvNext's processor: shortest_edge 224 with crop_pct 0.875 = resize to 256, crop 224.
         name = "ConvNextImageProcessor"
@@ -234,7 +238,9 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor], model:
         ("shape mismatches", mismatched),
     ):
         if items:
-            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            shown = "\n    ".join(items[:20]) + (
+                f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            )
             problems.append(f"  {len(items)} {title}:\n    {shown}")
     if problems:
         raise StateDictMismatchError(
@@ -390,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="hf-import-torchvision",
         description="Convert a torchvision ImageNet state_dict (.pth) into a Hugging Face model folder.",
     )
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="torchvision architecture of the weights")
+    parser.add_argument(
+        "--arch", required=True, choices=ARCHS, help="torchvision architecture of the weights"
+    )
     parser.add_argument("--weights", required=True, type=Path, help="torchvision state_dict file (.pth)")
     parser.add_argument("--output_dir", required=True, type=Path, help="Hugging Face folder to write")
     parser.add_argument("--source", default=None, help="where the weights came from (for the model card)")

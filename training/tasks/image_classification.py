@@ -111,6 +111,15 @@ def apply_freeze(model: torch.nn.Module, policy: str) -> None:
                 param.requires_grad = True
 
 
+def fix_batchnorm_momentum(model: torch.nn.Module) -> None:
+    """Some ports (transformers' MobileNetV2) carry TensorFlow's BN momentum (0.997, the weight of
+    the *old* statistics); PyTorch's momentum weighs the *new* batch, so 0.997 would overwrite the
+    pretrained running statistics with each batch. Use PyTorch's default 0.1 instead."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (module.momentum or 0) > 0.5:
+            module.momentum = 0.1
+
+
 def frozen_batchnorm_to_eval(model: torch.nn.Module) -> None:
     """Frozen batch-norm layers keep their pretrained running statistics."""
     for module in model.modules():
@@ -134,6 +143,7 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
         config.model_name_or_path, num_labels=len(labels.names), id2label=labels.id2label,
         label2id=labels.label2id, ignore_mismatched_sizes=True, trust_remote_code=config.trust_remote_code,
     )
+    fix_batchnorm_momentum(model)
     apply_freeze(model, config.freeze)
     train_transform = TrainTransform(processor)
     label_col = config.label_column

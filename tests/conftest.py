@@ -1,0 +1,9 @@
+"""Session-wide test settings: offline, quiet, deterministic."""
+
+import os
+
+# Never reach for the Hub: every model and data set in the tests is a local folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
