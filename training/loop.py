@@ -12,8 +12,8 @@ import json
 import logging
 import math
 import os
-import signal
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
