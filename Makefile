@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets test lint demo demo-train bench clean
+.PHONY: install assets browser test lint demo demo-train bench clean
 
 install: $(VENV)/.installed
 
@@ -30,17 +30,25 @@ $(VENV)/.installed: pyproject.toml
 assets: install
 	$(PY) scripts/offline_assets.py
 
-test: install assets
+# Debian's chromium for the playground test (apt needs root or sudo).
+browser: install
+	tests/service/install_browser.sh $(PY)
+
+test: install assets browser
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-demo-train: install assets
-	$(ACCELERATE_LAUNCH) training/finetune.py --recipe training/recipes/demo-sentiment.yaml
-	$(ACCELERATE_LAUNCH) training/finetune.py --recipe training/recipes/demo-images.yaml
+# Each demo model is trained once; an interrupted run resumes from its last checkpoint.
+demo-train: install assets models/demo-sentiment/all_results.json models/demo-images/all_results.json
 
+models/demo-%/all_results.json: training/recipes/demo-%.yaml
+	$(ACCELERATE_LAUNCH) training/finetune.py --recipe $< --resume_from_checkpoint latest
+
+# DEMO_FLAGS=--exit stops the server after the demo requests (for scripts).
 demo: demo-train
+	$(PY) scripts/demo.py $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache

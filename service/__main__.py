@@ -1,0 +1,26 @@
+"""`hf-serve` / `python -m service`: parse flags (and HF_SERVE_* env vars), then run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    settings = Settings(
+        _cli_parse_args=sys.argv[1:] if argv is None else argv,
+        _cli_prog_name="hf-serve",
+        _cli_kebab_case=True,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn's access log carries method, path and status only: request bodies are never logged.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

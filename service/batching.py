@@ -1,0 +1,199 @@
+"""Dynamic micro-batching: one worker thread per loaded model.
+
+Requests become `Job`s on the model's queue. The worker takes the first waiting job, then keeps
+gathering jobs for up to `max_batch_wait_ms` (or until `max_batch_size` inputs / `max_batch_tokens`
+padded tokens) and runs them in one forward pass. Everything heavy (tokenising, decoding images,
+the forward pass, generation) happens on this thread, so the event loop only moves bytes and one
+model never waits for another. Results go back to the loop with `call_soon_threadsafe`.
+
+The queue is unbounded here on purpose: the app refuses requests over `max_concurrent_requests`
+(429) before they reach it, which bounds every queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pipelines import InputError
+
+log = logging.getLogger("service.batching")
+_STOP = object()
+
+
+@dataclass
+class Job:
+    payload: Any
+    params: Any
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    emit: Any = None  # generation: called with each token from the worker thread
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    finished: float = 0.0
+    prepared: Any = None
+    cost: int = 0  # padded tokens for text, 1 for images
+    size: int = 1  # inputs in this job
+
+    @property
+    def queue_ms(self) -> float:
+        return max(self.started - self.enqueued, 0.0) * 1000
+
+    @property
+    def inference_ms(self) -> float:
+        return max(self.finished - self.started, 0.0) * 1000
+
+
+class InferenceFailed(RuntimeError):
+    """The model raised; `error_id` is in the server log with the traceback."""
+
+    def __init__(self, error_id: str):
+        super().__init__(f"inference failed (error id {error_id})")
+        self.error_id = error_id
+
+
+class ModelWorker:
+    def __init__(self, name: str, runner, settings, metrics=None):
+        self.name, self.runner, self.metrics = name, runner, metrics
+        self.max_batch_size = settings.max_batch_size
+        self.max_batch_tokens = settings.max_batch_tokens
+        self.wait_s = settings.max_batch_wait_ms / 1000
+        self._queue: queue.Queue = queue.Queue()
+        self.batches = 0  # forward passes run
+        self.largest_batch = 0  # most jobs in one forward pass
+        self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
+        self._thread.start()
+
+    # -- called on the event loop ---------------------------------------------------------------
+    def submit(self, payload, params, size: int = 1, emit=None) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(payload, params, loop.create_future(), loop, emit=emit, size=size)
+        self._queue.put(job)
+        self._gauge()
+        return job
+
+    def close(self) -> None:
+        """Finish the jobs already queued, then stop the thread."""
+        self._queue.put(_STOP)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- worker thread --------------------------------------------------------------------------
+    def _gauge(self):
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+
+    def _loop(self) -> None:
+        pending = None
+        while True:
+            job = pending if pending is not None else self._queue.get()
+            pending = None
+            if job is _STOP:
+                return
+            if job.future.cancelled() or job.cancel.is_set():
+                continue
+            if not self.runner.batchable:
+                self._run_single(job)
+                continue
+            if job.prepared is None and not self._prepare(job):
+                continue
+            batch, inputs, longest = [job], job.size, job.cost
+            deadline = time.perf_counter() + self.wait_s
+            while inputs < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                try:
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    pending = nxt
+                    break
+                if nxt.future.cancelled() or not self._prepare(nxt):
+                    continue
+                padded = max(longest, nxt.cost) * (inputs + nxt.size)
+                if inputs + nxt.size > self.max_batch_size or padded > self.max_batch_tokens:
+                    pending = nxt  # opens the next batch
+                    break
+                batch.append(nxt)
+                inputs += nxt.size
+                longest = max(longest, nxt.cost)
+            self._run_batch(batch, inputs)
+
+    def _prepare(self, job: Job) -> bool:
+        try:
+            job.prepared, job.cost = self.runner.prepare((job.payload, job.params))
+            return True
+        except InputError as exc:
+            self._resolve(job, exc)
+        except Exception as exc:  # a tokenizer bug is still our bug: 500 with an id
+            self._resolve(job, self._failure(exc))
+        return False
+
+    def _run_batch(self, batch: list[Job], inputs: int) -> None:
+        start = time.perf_counter()
+        for job in batch:
+            job.started = start
+        self._gauge()
+        try:
+            results = self.runner.run_batch([j.prepared for j in batch], [j.params for j in batch])
+            error = None
+        except Exception as exc:
+            results, error = [None] * len(batch), self._failure(exc)
+        end = time.perf_counter()
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.name).observe(inputs)
+            self.metrics.forward_seconds.labels(self.name).observe(end - start)
+        for job, result in zip(batch, results, strict=True):
+            job.finished = end
+            job.prepared = None
+            self._resolve(job, error if error is not None else result)
+
+    def _run_single(self, job: Job) -> None:
+        job.started = time.perf_counter()
+        self._gauge()
+        try:
+            result = self.runner.generate(job.payload, job.params, job.emit, job.cancel.is_set)
+        except InputError as exc:
+            result = exc
+        except Exception as exc:
+            result = self._failure(exc)
+        job.finished = time.perf_counter()
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, 1)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.name).observe(1)
+            self.metrics.forward_seconds.labels(self.name).observe(job.finished - job.started)
+        self._resolve(job, result)
+
+    def _failure(self, exc: BaseException) -> InferenceFailed:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("model %s: inference failed (error id %s)", self.name, error_id, exc_info=exc)
+        return InferenceFailed(error_id)
+
+    @staticmethod
+    def _resolve(job: Job, result) -> None:
+        def settle():
+            if job.future.done():
+                return
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed (server shutting down)
+            job.loop.call_soon_threadsafe(settle)

@@ -1,0 +1,70 @@
+"""Every server knob: an environment variable `HF_SERVE_<NAME>` and a CLI flag `--<name>`.
+
+Precedence: CLI flag > environment variable > `.env` file > default. `hf-serve --help` prints the
+descriptions below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of the inference server (env prefix `HF_SERVE_`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HF_SERVE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    models_dir: Path = Field(Path("models"), description="Folder whose sub-folders are the served models (one model per folder; the folder name is the model name).")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 inside a container).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_key: SecretStr | None = Field(None, description="When set, every route except /health, / and the docs requires `Authorization: Bearer <key>`.")
+    max_batch_size: int = Field(32, ge=1, description="Most inputs in one forward pass; also the most inputs one request may send.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests before running a forward pass (ms).")
+    max_batch_tokens: int = Field(16384, ge=1, description="Most padded tokens (batch size x longest input) in one text forward pass.")
+    max_concurrent_requests: int = Field(128, ge=1, description="Inference requests in flight at once; more are refused with 429 and Retry-After.")
+    max_request_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted request body in bytes (413 above).")
+    max_input_length: int = Field(512, ge=1, description="Most tokens per text input; longer inputs are truncated (or refused with parameters.truncate=false).")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a text-generation request may ask for (422 above).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own choice).")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype: auto is float32 on CPU and float16 on GPU.")
+    preload: bool = Field(True, description="Load every model at startup (in the background; /ready turns 200 when done). false: load on first request.")
+    reload_interval_s: float = Field(5.0, ge=0, description="Seconds between scans of models_dir for new, changed or removed folders; 0 disables polling (POST /admin/reload still works).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Origins allowed by CORS (comma-separated or JSON list); empty disables CORS.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level of the server and uvicorn.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if self.resolved_device() == "cpu" else torch.float16
+        return getattr(torch, self.dtype)
