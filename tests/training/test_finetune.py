@@ -162,3 +162,50 @@ def test_foreign_output_dir_is_refused(tiny_bert, rt_small, tmp_path, capsys):
                  str(foreign)]) == 2
     assert "is not empty and is not a run of this script (holiday.jpg)" in capsys.readouterr().err
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_early_stopping_stops_a_run_that_no_longer_improves(tiny_bert, rt_small, tmp_path):
+    train, test = rt_small
+    out = tmp_path / "early"
+    # A learning rate this small leaves the eval metric unchanged: no evaluation improves on the first.
+    assert main(["--model_name_or_path", str(tiny_bert), "--train_file", str(train), "--validation_file", str(test),
+                 "--output_dir", str(out), "--num_train_epochs", "5", "--per_device_train_batch_size", "16",
+                 "--learning_rate", "1e-12", "--eval_steps", "2", "--early_stopping_patience", "2",
+                 "--checkpointing_steps", "none"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_steps"] == 6  # evals at 2 (best), 4, 6 -> stop; 5 epochs would be 50 steps
+    assert results["best_step"] == 2
+
+
+def test_dataset_name_loads_a_dataset_repo_folder(tiny_bert, rt_small, tmp_path):
+    """--dataset_name goes through datasets.load_dataset like a Hub id; a local repo folder is the same path."""
+    train, test = rt_small
+    repo = tmp_path / "my-dataset"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.csv").write_text(train.read_text())
+    (repo / "data" / "test.csv").write_text(test.read_text())
+    out = tmp_path / "from-repo"
+    assert main(["--model_name_or_path", str(tiny_bert), "--dataset_name", str(repo), "--output_dir", str(out),
+                 "--max_train_steps", "2", "--checkpointing_steps", "none"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_examples"] == 42  # the repo's test split became the validation split
+
+
+def test_image_parquet_source_with_per_class_split(tiny_mobilenet, caltech_folder, tmp_path):
+    """A Hub-style image dataset (parquet with Image + ClassLabel, one train split), split 4 per class."""
+    import datasets
+
+    from training.config import FinetuneConfig
+    from training.data import load_raw_datasets
+
+    folder = load_raw_datasets(FinetuneConfig(task="image-classification", model_name_or_path="m",
+                                              train_dir=str(caltech_folder), train_samples_per_class=9))
+    full = datasets.concatenate_datasets([folder["train"], folder["validation"]])
+    parquet = tmp_path / "caltech.parquet"
+    full.to_parquet(str(parquet))
+    out = tmp_path / "parquet-run"
+    assert main(["--task", "image-classification", "--model_name_or_path", str(tiny_mobilenet), "--train_file",
+                 str(parquet), "--train_samples_per_class", "4", "--output_dir", str(out), "--max_train_steps",
+                 "2", "--per_device_train_batch_size", "6", "--checkpointing_steps", "none"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_examples"] == 12 and results["eval_examples"] == len(full) - 12
