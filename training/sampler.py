@@ -16,9 +16,10 @@ from torch.utils.data import Sampler
 class EpochShuffleSampler(Sampler[int]):
     """Random permutation per epoch; with `lengths`, similar lengths are put in the same batch.
 
-    Length grouping (as transformers' LengthGroupedSampler): shuffle, cut into mega-batches
-    of `batch_size * mega_batch_factor` examples, sort each by length. Batches stay random
-    across the epoch but pad little, which is most of the speed of dynamic padding.
+    Length grouping: shuffle, cut into mega-batches of `batch_size * mega_batch_factor` examples,
+    sort each by length and cut it into batches, then shuffle the order of those batches. Batches
+    pad little (most of the speed of dynamic padding) but, unlike a plain long-to-short order,
+    the lengths a step sees do not cycle with the mega-batches.
     """
 
     def __init__(self, num_samples: int, seed: int, lengths: Sequence[int] | None = None,
@@ -26,7 +27,8 @@ class EpochShuffleSampler(Sampler[int]):
         self.num_samples = num_samples
         self.seed = seed
         self.lengths = lengths
-        self.mega_batch = max(batch_size * mega_batch_factor, 1)
+        self.batch_size = max(batch_size, 1)
+        self.mega_batch = self.batch_size * mega_batch_factor
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -43,6 +45,13 @@ class EpochShuffleSampler(Sampler[int]):
         lengths = self.lengths
         grouped: list[int] = []
         for start in range(0, len(order), self.mega_batch):
-            chunk = order[start:start + self.mega_batch]
-            grouped.extend(sorted(chunk, key=lambda i: lengths[i], reverse=True))
+            chunk = sorted(order[start:start + self.mega_batch], key=lambda i: lengths[i], reverse=True)
+            batches = [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            # The last (possibly short) batch of the epoch stays last: DataLoader cuts batches by
+            # position, so a short batch in the middle would shift every later batch boundary.
+            tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped.extend(batches[b])
+            for batch in tail:
+                grouped.extend(batch)
         return iter(grouped)
