@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn's access log carries method, path and status only: request bodies are never logged.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, which would make a
+    # clean shutdown look like a crash (exit -15) to supervisors: exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

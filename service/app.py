@@ -18,8 +18,10 @@ import hmac
 import io
 import json
 import logging
+import re
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,8 +30,10 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
@@ -41,7 +45,10 @@ from .settings import Settings
 
 log = logging.getLogger("service")
 STATIC = Path(__file__).parent / "static"
+# Open even with an API key: liveness, and static pages that hold no model or request data (the
+# playground asks for the key itself; the OpenAPI document is the same for every deployment).
 PUBLIC_PATHS = {"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+URL_INPUT = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 class ApiError(Exception):
@@ -56,24 +63,30 @@ def error_response(status: int, message: str, error_type: str, headers: dict | N
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+
+
 def describe_validation(errors: list[dict]) -> str:
     """Pydantic errors -> "parameters.top_k: Input should be greater than or equal to 1; ..."."""
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "body"
+        # drop "body" and the union-member tags pydantic adds ("str", "list[str]", "function-after[...]")
+        loc = ".".join(str(p) for p in err.get("loc", ())
+                       if p != "body" and not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))) or "body"
         parts.append(f"{loc}: {err.get('msg')}")
     return "; ".join(parts)
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413: by Content-Length, and by counting streamed bytes.
+    """Refuse bodies over `limit` bytes with 413: by Content-Length (before reading any of it), and by
+    counting streamed bytes; refuse bodies that take longer than `timeout` seconds with 408.
 
-    The body is read here (bounded by the limit) and replayed to the app, so the app never sees
-    more than `limit` bytes.
+    The body is read here (bounded by the limit and the timeout) and replayed to the app, so the app
+    never sees more than `limit` bytes and a slow client never holds a model or a concurrency slot.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float = 60.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -84,8 +97,14 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_large(scope, receive, send)
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                slow = error_response(408, f"the request body took longer than {self.timeout:g}s to arrive",
+                                      "request_timeout", {"Connection": "close"})
+                return await slow(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -160,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.in_flight = 0
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, timeout=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -188,13 +207,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(500, f"internal error (error id {error_id})", "internal")
 
     err = {"model": schemas.ErrorResponse}
+    retry = {"headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}}}
+    # What every route may answer besides its own codes: 401 when an API key is set; POST bodies
+    # can be too large (413) or too slow (408).
+    auth = {401: {**err, "description": "Missing or wrong API key (only when one is configured)"}}
+    body = {408: {**err, "description": "The body took longer than body_timeout_s"},
+            413: {**err, "description": "The body is larger than max_request_bytes"}}
 
     # -- plain routes ----------------------------------------------------------------------------
     @app.get("/health", tags=["ops"], summary="Alive (no auth)")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], summary="All models found at startup are loaded (or failed)", responses={503: err})
+    @app.get("/ready", tags=["ops"], summary="All models found at startup are loaded (or failed)",
+             responses={200: {"content": {"application/json": {"schema": {
+                 "type": "object", "required": ["status", "models"], "properties": {
+                     "status": {"type": "string", "enum": ["ready"]},
+                     "models": {"type": "object", "additionalProperties": {"type": "integer"},
+                                "description": "How many models have each status"}}}}}},
+                        **auth, 503: {**err, **retry, "description": "Models are still loading"}})
     async def ready():
         if not registry.ready:
             return error_response(503, "models are loading", "loading", {"Retry-After": "1"})
@@ -203,22 +234,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             counts[entry.status] = counts.get(entry.status, 0) + 1
         return {"status": "ready", "models": counts}
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}, **auth})
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/models", tags=["models"], summary="Every model folder: status, task, card metadata")
+    @app.get("/models", tags=["models"], summary="Every model folder: status, task, card metadata", responses={**auth})
     async def list_models() -> schemas.ModelList:
         return schemas.ModelList(models=[schemas.ModelInfo(**d) for d in registry.describe()])
 
-    @app.get("/models/{name}", tags=["models"], summary="One model: labels, card metadata, eval metrics", responses={404: err})
+    @app.get("/models/{name}", tags=["models"], summary="One model: labels, card metadata, eval metrics",
+             responses={**auth, 404: {**err, "description": "No such model"}})
     async def get_model(name: str) -> schemas.ModelInfo:
         try:
             return schemas.ModelInfo(**registry.get(name).describe())
         except ModelNotFound as exc:
             raise ApiError(404, str(exc), "not_found") from None
 
-    @app.post("/admin/reload", tags=["ops"], summary="Rescan models_dir now; returns what changed")
+    @app.post("/admin/reload", tags=["ops"], summary="Rescan models_dir now; returns what changed", responses={**auth, **body})
     async def reload() -> dict:
         return await registry.scan()
 
@@ -227,28 +261,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     # -- inference --------------------------------------------------------------------------------
+    def ref(model: type[BaseModel]) -> dict:
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
     request_body_doc = {
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": {"oneOf": [
-                    schemas.TextClassificationRequest.model_json_schema(),
-                    schemas.TextGenerationRequest.model_json_schema(),
-                    schemas.ImageClassificationRequest.model_json_schema(),
+                    ref(schemas.TextClassificationRequest), ref(schemas.TextGenerationRequest),
+                    ref(schemas.ImageClassificationRequest),
                 ]}},
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 "multipart/form-data": {"schema": {"type": "object", "properties": {
                     "file": {"type": "string", "format": "binary"},
                     "parameters": {"type": "string", "description": "JSON of the parameters"},
+                    "top_k": {"type": "string"},
+                    "function_to_apply": {"type": "string"},
                 }}},
             },
         }
     }
+    classification = {"type": "array", "items": ref(schemas.ClassificationOutput)}
+    inference_responses = {
+        200: {
+            "description": "text-classification: one list of labels per input; image-classification: one list of "
+                           "labels; text-generation: one generated text, or server-sent events with `stream`",
+            "content": {
+                "application/json": {"schema": {"anyOf": [
+                    {"type": "array", "items": classification, "title": "TextClassificationOutput"},
+                    {**classification, "title": "ImageClassificationOutput"},
+                    {"type": "array", "items": ref(schemas.GenerationOutput), "title": "TextGenerationOutput"},
+                ]}},
+                "text/event-stream": {"schema": {
+                    "type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                            "description": "JSON: {index, token, top_tokens, generated_text, "
+                                                           "details} as TGI's /generate_stream, or {error, error_type}"}},
+                }, "description": "One server-sent event per token"},
+            },
+        },
+        **auth, **body,
+        404: {**err, "description": "No such model"},
+        415: {**err, "description": "Not an image, or an image that does not decode"},
+        422: {**err, "description": "The body does not fit the model's task (the message names the field)"},
+        429: {**err, **retry, "description": "More than max_concurrent_requests in flight"},
+        500: {**err, "description": "The model failed on this input; the error id is in the server log"},
+        503: {**err, **retry, "description": "The model is loading, or its folder failed to load"},
+    }
 
     @app.post(
-        "/models/{name}", tags=["inference"], openapi_extra=request_body_doc,
+        "/models/{name}", tags=["inference"], openapi_extra=request_body_doc, response_class=JSONResponse,
         summary="Run a model (Inference API shapes: body and response depend on the model's task)",
-        responses={401: err, 404: err, 413: err, 415: err, 422: err, 429: err, 500: err, 503: err},
+        responses=inference_responses,
     )
     async def infer(name: str, request: Request):
         started = time.perf_counter()
@@ -317,11 +383,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(422, f"body is not valid JSON ({exc})", "validation") from None
-        return validate(model, data)
+        except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+            raise ApiError(422, "body is not valid JSON (nested too deeply)", "validation") from None
+        return validate(model, data, strict=True)  # JSON has types: 0 is not false, "5" is not 5
 
-    def validate(model: type[BaseModel], data: Any) -> Any:
+    def validate(model: type[BaseModel], data: Any, strict: bool = False) -> Any:
         try:
-            return model.model_validate(data)
+            return model.model_validate(data, strict=strict)
         except ValidationError as exc:
             raise ApiError(422, describe_validation(exc.errors()), "validation") from None
 
@@ -366,6 +434,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body = await read_json(request, schemas.ImageClassificationRequest)
             params = body.parameters
             data = body.inputs
+            if URL_INPUT.match(data):  # never fetched: the server makes no outgoing requests
+                raise ApiError(422, "inputs: URLs are not fetched by this server; send the image itself "
+                                    "(raw bytes, base64 in 'inputs', or a multipart upload)", "validation")
             if data.startswith("data:"):
                 data = data.partition(",")[2]
             try:
@@ -373,7 +444,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except (binascii.Error, ValueError):
                 raise ApiError(422, "inputs: not valid base64", "validation") from None
         elif content_type == "multipart/form-data":
-            form = await request.form()
+            try:
+                form = await request.form(max_files=4, max_fields=16)
+            except StarletteHTTPException as exc:  # malformed multipart, too many parts
+                raise ApiError(422, f"multipart body: {exc.detail}", "validation") from None
             files = [v for v in form.values() if hasattr(v, "read")]
             if len(files) != 1:
                 raise ApiError(422, "multipart body: send exactly one file field (e.g. 'file')", "validation")
@@ -382,8 +456,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if "parameters" in form:
                 try:
                     fields = json.loads(str(form["parameters"]))
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise ApiError(422, "parameters: not valid JSON", "validation") from None
+                if not isinstance(fields, dict):
+                    raise ApiError(422, "parameters: must be a JSON object", "validation")
             for key in ("top_k", "function_to_apply"):
                 if key in form:
                     fields[key] = str(form[key])
@@ -395,7 +471,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 "JSON with base64 'inputs', or a multipart upload", "unsupported_media_type")
         if not raw:
             raise ApiError(422, "inputs: empty image", "validation")
-        image = await asyncio.to_thread(decode_image, raw)
+        image = await asyncio.to_thread(decode_image, raw, settings.max_image_pixels)
         result, job = await run_job(entry, image, params)
         return JSONResponse(result, headers=timing_headers(job, started, entry.name))
 
@@ -482,18 +558,90 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except InferenceFailed as exc:
             raise ApiError(500, f"the model failed on this input (error id {exc.error_id})", "inference") from None
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            models = [(m, "validation") for m in (schemas.TextClassificationRequest, schemas.TextGenerationRequest,
+                                                   schemas.ImageClassificationRequest)]
+            models += [(m, "serialization") for m in (schemas.ClassificationOutput, schemas.GenerationOutput)]
+            _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.get("$defs", {}))
+            # FastAPI documents its own 422 body; ours is the common {"error", "error_type"}.
+            for operations in spec["paths"].values():
+                for operation in operations.values():
+                    response = operation.get("responses", {}).get("422")
+                    if response and "HTTPValidationError" in json.dumps(response):
+                        response["content"] = {"application/json": {"schema": ref(schemas.ErrorResponse)}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-def decode_image(raw: bytes):
-    from PIL import Image, UnidentifiedImageError
+def decode_image(raw: bytes, max_pixels: int = 40_000_000):
+    """Bytes -> an RGB PIL image, refusing what is not one plain picture of a sane size.
 
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ApiError(415, f"could not decode the image ({type(exc).__name__})", "unsupported_media_type") from None
-    return image
+    The size comes from the header (`Image.open` reads no pixels), so a decompression bomb is refused
+    before any pixel is decoded. Animated images are refused; other modes (CMYK, 16-bit, palette,
+    alpha) are converted to 8-bit RGB here, off the event loop.
+    """
+    from PIL import Image
+
+    def unsupported(what: str) -> ApiError:
+        return ApiError(415, f"could not decode the image ({what})", "unsupported_media_type")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(raw))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ApiError(413, f"image dimensions exceed {max_pixels} pixels (max_image_pixels)",
+                           "payload_too_large") from None
+        except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...) on garbage
+            raise unsupported(type(exc).__name__) from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ApiError(413, f"image is {width}x{height} = {width * height} pixels, more than max_image_pixels "
+                                f"({max_pixels})", "payload_too_large")
+        if width == 0 or height == 0:
+            raise unsupported("empty image")
+        if getattr(image, "is_animated", False):
+            raise ApiError(422, f"inputs: animated {image.format} images are not supported; send a single frame",
+                           "validation")
+        try:
+            image.load()
+            return _to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ApiError(413, f"image dimensions exceed {max_pixels} pixels (max_image_pixels)",
+                           "payload_too_large") from None
+        except Exception as exc:
+            reason = "truncated or corrupt image data" if isinstance(exc, OSError) else type(exc).__name__
+            raise unsupported(f"{image.format or 'unknown format'}: {reason}") from None
+
+
+def _to_rgb(image):
+    """8-bit RGB from any PIL mode; 16/32-bit integer images are scaled, not clipped."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNG / TIFF)
+        import numpy as np
+
+        pixels = np.asarray(image).astype(np.float64)
+        top = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+        gray = (pixels / top * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "F":
+        import numpy as np
+
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")  # L, 1, P, LA, PA, RGBA, CMYK, YCbCr, LAB, HSV
 
 
 def __getattr__(name: str):

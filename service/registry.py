@@ -141,8 +141,15 @@ class FolderInfo:
     results: dict | None
 
 
-def inspect_folder(path: Path) -> FolderInfo:
-    """Validate a folder without loading weights; raises InvalidFolder with the reason."""
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def inspect_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
+    """Validate a folder without loading weights; raises InvalidFolder with the reason.
+
+    Weights must be safetensors; pickle weights (`pytorch_model.bin`) count only with
+    `allow_pickle` (HF_SERVE_ALLOW_PICKLE) and when the folder has no safetensors.
+    """
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InvalidFolder("no config.json")
@@ -155,9 +162,13 @@ def inspect_folder(path: Path) -> FolderInfo:
 
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = f" ({', '.join(other)} ignored: only safetensors weights are loaded)" if other else ""
-        raise InvalidFolder("no safetensors weights" + hint)
+        if allow_pickle and any((path / name).is_file() for name in PICKLE_WEIGHTS):
+            weights = []  # torch.load(weights_only=True) in load_runner
+        else:
+            other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = (f" ({', '.join(other)} ignored: only safetensors weights are loaded unless "
+                    "HF_SERVE_ALLOW_PICKLE=true)") if other else ""
+            raise InvalidFolder("no safetensors weights" + hint)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -198,7 +209,13 @@ def inspect_folder(path: Path) -> FolderInfo:
 
 
 def load_runner(path: Path, info: FolderInfo, settings):
-    """Load weights and processor (blocking: call it from a thread). safetensors only, no remote code."""
+    """Load weights and processor (blocking: call it from a thread). safetensors only (pickle only with
+    allow_pickle), never remote code.
+
+    The weights are read into memory (`disable_mmap`): a memory-mapped file that someone overwrites in
+    place (`cp new/model.safetensors models/x/`) would kill the whole server with SIGBUS on the next
+    forward pass. A replaced or rewritten file is picked up by the next scan instead.
+    """
     import transformers
     from transformers import (
         AutoImageProcessor,
@@ -216,7 +233,8 @@ def load_runner(path: Path, info: FolderInfo, settings):
     }[info.task]
     try:
         model, loading = model_cls.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, local_files_only=True,
+            path, use_safetensors=None if getattr(settings, "allow_pickle", False) else True,
+            trust_remote_code=False, local_files_only=True, disable_mmap=True,
             dtype=settings.resolved_dtype(), output_loading_info=True,
         )
     except Exception as exc:
@@ -235,6 +253,7 @@ def load_runner(path: Path, info: FolderInfo, settings):
             processor = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InvalidFolder(f"processor does not load: {type(exc).__name__}: {str(exc)[:300]}") from None
+    _smoke_test(model, processor, info.task)
     try:
         if info.task == "text-classification":
             return TextClassificationRunner(model, processor, settings.max_input_length)
@@ -243,6 +262,30 @@ def load_runner(path: Path, info: FolderInfo, settings):
         return ImageClassificationRunner(model, processor)
     except ValueError as exc:
         raise InvalidFolder(str(exc)) from None
+
+
+def _smoke_test(model, processor, task: str) -> None:
+    """One tiny forward pass before the model is served: weights whose bytes are corrupt (but whose
+    file is well-formed) give NaN/inf logits, and a folder like that must not replace a working model."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            if task == "image-classification":
+                from PIL import Image
+
+                pixels = processor(images=[Image.new("RGB", (32, 32), (128, 128, 128))], return_tensors="pt")["pixel_values"]
+                logits = model(pixel_values=pixels.to(model.device, model.dtype)).logits
+            else:
+                ids = processor("Hello world", return_tensors="pt")["input_ids"][:, :8]
+                if ids.shape[1] == 0:
+                    return
+                logits = model(input_ids=ids.to(model.device)).logits
+    except Exception as exc:  # some inputs may legitimately fail (e.g. a vocabulary mismatch): its requests will say so
+        log.warning("model smoke test raised %s: %s; serving it anyway", type(exc).__name__, str(exc)[:200])
+        return
+    if not bool(torch.isfinite(logits.float()).all()):
+        raise InvalidFolder("the model's outputs on a test input are NaN/inf: corrupt weights?")
 
 
 # -- the registry (event-loop side) ----------------------------------------------------------------
@@ -361,7 +404,7 @@ class Registry:
                     summary["unchanged"].append(name)
                     continue
                 try:
-                    info = await asyncio.to_thread(inspect_folder, path)
+                    info = await asyncio.to_thread(inspect_folder, path, self.settings.allow_pickle)
                 except InvalidFolder as exc:
                     self._reject(name, path, sig, old, str(exc))
                     summary["failed"].append(name)

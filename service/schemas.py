@@ -15,7 +15,8 @@ FunctionToApply = Literal["softmax", "sigmoid", "none"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse as JSON in Python; as a temperature or penalty they only make torch fail.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ClassificationParameters(_Strict):
@@ -49,15 +50,16 @@ class GenerationParameters(_Strict):
     """TGI's parameters. Those marked unsupported are accepted only at their neutral value."""
 
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default: generation_config, else 20; capped by the server).")
-    temperature: float | None = Field(None, gt=0, description="Sampling temperature (setting it turns sampling on).")
+    # Bounds: a temperature or penalty near 0 turns logits into inf/NaN, which torch's sampler rejects.
+    temperature: float | None = Field(None, ge=1e-3, le=1e3, description="Sampling temperature (setting it turns sampling on).")
     top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens (turns sampling on).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (turns sampling on).")
     typical_p: float | None = Field(None, gt=0, le=1, description="Typical decoding mass (turns sampling on).")
     do_sample: bool | None = Field(None, description="Sample instead of greedy decoding.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Penalty for repeated tokens (1.0 = none).")
+    repetition_penalty: float | None = Field(None, ge=1e-2, le=1e2, description="Penalty for repeated tokens (1.0 = none).")
     return_full_text: bool | None = Field(None, description="Prepend the prompt to generated_text (default false, as TGI).")
     stop: list[str] | None = Field(None, max_length=8, description="Stop when one of these strings is generated (it is kept in the text, as TGI).")
-    seed: int | None = Field(None, ge=0, description="Random seed for sampling.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for sampling.")
     truncate: int | None = Field(None, ge=1, description="Keep only the last N prompt tokens.")
     details: bool | None = Field(None, description="Return token ids, log-probabilities and the finish reason.")
     decoder_input_details: bool | None = Field(None, description="With details: also list the prompt tokens (prefill).")
@@ -115,8 +117,11 @@ class GenerationOutput(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
-    error_type: str
+    """Every error: 4xx for the caller's mistakes, 503 while loading or overloaded, 500 for our bugs."""
+
+    error: str = Field(description="What went wrong, for a human (an error id for 500s: it is in the server log).")
+    error_type: str = Field(description="Machine-readable kind: validation, not_found, unauthorized, payload_too_large, "
+                                        "unsupported_media_type, overloaded, loading, unavailable, inference, internal, ...")
 
 
 class ModelInfo(BaseModel):

@@ -2,7 +2,9 @@
 
 Everything is written into a hidden folder beside the target (`.<name>.export-<id>`) and
 swapped into place in one rename, so a reader (the server, a copy) sees the previous model
-or the new one, never half of either. The run's `checkpoints/` moves along with it.
+or the new one, never half of either. The run's `checkpoints/` stays in the target until the
+swap is done and then moves into the new folder, so a crash at any point leaves the checkpoints
+findable (`recover_interrupted_export` moves them back after a kill -9 between those two steps).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -29,6 +32,11 @@ CURVES_FILE = "training_curves.png"
 RUN_CONFIG_FILE = "training_config.yaml"
 # Files of a save_pretrained model folder that are copied from the best checkpoint.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+EXPORT_PREFIX = ".{name}.export-"
+# Tests set FINETUNE_EXPORT_FAULT=<stage>:<raise|kill> to fail the export for real at a stage
+# (weights, processor, card, swap, after-swap): "raise" is a disk-full OSError, "kill" a SIGKILL.
+_EXPORT_FAULT = os.environ.get("FINETUNE_EXPORT_FAULT", "")
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -50,18 +58,49 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _fault(stage: str) -> None:
+    """Fault injection for the tests (FINETUNE_EXPORT_FAULT); a no-op otherwise."""
+    if not _EXPORT_FAULT or _EXPORT_FAULT.split(":")[0] != stage:
+        return
+    if _EXPORT_FAULT.endswith(":kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, f"No space left on device (injected by FINETUNE_EXPORT_FAULT at {stage})")
+
+
 def swap_into_place(tmp: Path, target: Path) -> None:
-    """Make the complete folder `tmp` appear at `target`; the old target is removed."""
+    """Make the complete folder `tmp` appear at `target`; the old target's `checkpoints/` moves into
+    the new folder, the rest of the old target is removed."""
     if not target.exists():
         tmp.rename(target)
         return
     if exchange_dirs(tmp, target):
-        shutil.rmtree(tmp)  # now holds the previous content
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(old)  # brief window without a folder, never a half one
-    tmp.rename(target)
+        old = tmp  # now holds the previous content
+    else:
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)  # brief window without a folder, never a half one
+        tmp.rename(target)
+    try:
+        _fault("after-swap")
+    finally:
+        if (old / "checkpoints").is_dir() and not (target / "checkpoints").exists():
+            (old / "checkpoints").rename(target / "checkpoints")  # same filesystem: a rename, not a copy
     shutil.rmtree(old)
+
+
+def recover_interrupted_export(target: Path) -> None:
+    """Clean up after an export that was killed: hidden `.<name>.export-*` folders beside `target` are
+    removed, after moving back training checkpoints that one of them may hold (a kill between the
+    swap and the move of `checkpoints/`)."""
+    target = Path(target).resolve()
+    if not target.parent.is_dir():
+        return
+    prefix = EXPORT_PREFIX.format(name=target.name)
+    stale = [p for p in target.parent.iterdir() if p.name.startswith(prefix) or p.name.startswith(f".{target.name}.old-")]
+    for folder in stale:
+        if (folder / "checkpoints").is_dir() and target.is_dir() and not (target / "checkpoints").exists():
+            (folder / "checkpoints").rename(target / "checkpoints")
+            logger.warning("recovered %s/checkpoints from an interrupted export", target)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _make_readable(folder: Path) -> None:
@@ -190,7 +229,8 @@ def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, res
     """Assemble the model folder from the best checkpoint and swap it into `config.output_dir`."""
     target = Path(config.output_dir).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.export-{uuid.uuid4().hex[:8]}")
+    recover_interrupted_export(target)
+    tmp = target.with_name(EXPORT_PREFIX.format(name=target.name) + uuid.uuid4().hex[:8])
     try:
         tmp.mkdir()
         copied = [f for f in MODEL_FILES if (best_dir / f).is_file()]
@@ -199,19 +239,18 @@ def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, res
             raise RuntimeError(f"best checkpoint {best_dir} is incomplete")
         for name in copied:
             shutil.copy2(best_dir / name, tmp / name)
+        _fault("weights")
         bundle.processor.save_pretrained(tmp)
+        _fault("processor")
         (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         (tmp / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         plot_curves(history, bundle.main_metric, tmp / CURVES_FILE)
         build_model_card(config, bundle, results, world).save(tmp / "README.md")
+        _fault("card")
         _make_readable(tmp)
-        checkpoints = target / "checkpoints"
-        if checkpoints.is_dir():
-            checkpoints.rename(tmp / "checkpoints")  # same filesystem: a rename, not a copy
+        _fault("swap")
         swap_into_place(tmp, target)
     except BaseException:
-        if (tmp / "checkpoints").is_dir() and not (target / "checkpoints").exists() and target.is_dir():
-            (tmp / "checkpoints").rename(target / "checkpoints")
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("exported %s", target)

@@ -24,8 +24,8 @@ from accelerate.utils import set_seed
 
 from training.config import ConfigError, FinetuneConfig, parse_args
 from training.data import load_raw_datasets
-from training.export import RESULTS_FILE, export_model
-from training.loop import checkpoints_dir, train, world_info
+from training.export import RESULTS_FILE, export_model, recover_interrupted_export
+from training.loop import CheckpointError, checkpoints_dir, train, world_info
 from training.tasks import build_task
 
 logger = logging.getLogger("training")
@@ -34,6 +34,7 @@ logger = logging.getLogger("training")
 def check_output_dir(config: FinetuneConfig) -> None:
     """Refuse to clobber a foreign folder or silently restart an existing run."""
     out = Path(config.output_dir)
+    recover_interrupted_export(out)  # a previous export killed half-way: put its checkpoints back
     if not out.exists():
         return
     if not out.is_dir():
@@ -51,6 +52,10 @@ def check_output_dir(config: FinetuneConfig) -> None:
             raise ConfigError(f"--output_dir {out} holds checkpoints of an earlier run: continue it with "
                               "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start over")
         shutil.rmtree(out / "checkpoints")
+
+
+class ExportError(RuntimeError):
+    """Writing the final model folder failed; the previous folder is untouched."""
 
 
 def run(config: FinetuneConfig) -> Path:
@@ -88,8 +93,13 @@ def run(config: FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     out = Path(config.output_dir)
     if accelerator.is_main_process:
-        out = export_model(config, bundle, result.best_dir, result.final_metrics, result.state.log_history,
-                           world_info(accelerator))
+        try:
+            out = export_model(config, bundle, result.best_dir, result.final_metrics, result.state.log_history,
+                               world_info(accelerator))
+        except OSError as err:
+            raise ExportError(f"could not export the model to {out}: {err}. The previous content of {out} is "
+                              "unchanged and no partial folder was left; the training state is kept: export again "
+                              "with --resume_from_checkpoint latest") from err
         shown = {k: v for k, v in result.final_metrics.items() if isinstance(v, (int, float))}
         logger.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         logger.info("model saved to %s", out)
@@ -107,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, ExportError) as err:  # disk full and the like: one clear line, exit code 1
+        logger.debug("details", exc_info=err)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,6 +8,7 @@ states, and the batches of the interrupted epoch that were already consumed are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,11 @@ import os
 import shutil
 import signal
 import time
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from training.config import ConfigError, FinetuneConfig
+from training.export import exchange_dirs
 from training.sampler import EpochShuffleSampler
 from training.tasks.base import TaskBundle
 
@@ -64,6 +71,11 @@ class TrainerState:
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
         return cls(**json.loads((folder / STATE_FILE).read_text()))
+
+
+class CheckpointError(RuntimeError):
+    """Saving training state failed (disk full, file too large, permissions); the message names the
+    checkpoint that is still intact. finetune.py prints it as one line (exit code 1)."""
 
 
 @dataclass
@@ -108,7 +120,11 @@ def resolve_resume(config: FinetuneConfig) -> Path | None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`, replacing what was there."""
+    """Move the complete folder `tmp` to `final`, replacing what was there (in one atomic exchange
+    where the OS has renameat2, so a kill at any moment leaves the old or the new folder)."""
+    if final.exists() and exchange_dirs(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous content
+        return
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -136,11 +152,38 @@ def save_checkpoint(accelerator: Accelerator, config: FinetuneConfig, state: Tra
             _replace_dir(tmp, final)
             for old in list_checkpoints(root)[:-config.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:  # disk full, permissions: the previous checkpoint stays usable
+    except Exception as err:  # disk full, file too large, permissions: the previous checkpoint stays usable
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"could not save checkpoint {final}: {err}; the previous checkpoint is intact") from err
+        raise CheckpointError(f"could not save checkpoint {final}: {_describe_os_error(err, root)}; "
+                              f"{_intact(root)}") from err
     accelerator.wait_for_everyone()
+
+
+def _describe_os_error(err: BaseException, folder: Path) -> str:
+    """One line for a failed write, with what the disk and the process limits say. torch.save reports a
+    failed write as a RuntimeError without errno ("iostream error"), hence the diagnosis."""
+    cause = err
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OSError):
+        text = f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
+    else:
+        text = f"{type(err).__name__}: {err}"
+    facts = []
+    with contextlib.suppress(OSError):
+        facts.append(f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free on {folder}")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+    if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+        facts.append(f"file size limit (ulimit -f) {limit / 2**20:.0f} MB")
+    return f"{text} ({'; '.join(facts)})" if facts else text
+
+
+def _intact(root: Path) -> str:
+    found = list_checkpoints(root)
+    if not found:
+        return "no earlier checkpoint exists"
+    return f"the previous checkpoint {found[-1]} is intact: free some space, then resume with --resume_from_checkpoint latest"
 
 
 def save_best(accelerator: Accelerator, model: torch.nn.Module, config: FinetuneConfig) -> None:
@@ -150,8 +193,13 @@ def save_best(accelerator: Accelerator, model: torch.nn.Module, config: Finetune
     if accelerator.is_main_process:
         tmp = root / f".tmp-{BEST_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        _replace_dir(tmp, root / BEST_DIR)
+        try:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            _replace_dir(tmp, root / BEST_DIR)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not save the best model to {root / BEST_DIR}: {_describe_os_error(err, root)}; "
+                                  f"{_intact(root)}") from err
     accelerator.wait_for_everyone()
 
 
