@@ -30,6 +30,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -308,9 +309,17 @@ async def run_load(url: str, pid: int | None, names: dict, args) -> dict:
     wall = time.monotonic() - started
     warmup = min(60.0, args.duration / 3)
     rss = [(s["t"], s["rss"]) for s in samples if s.get("rss")]
-    rss_mark = next((v for t, v in rss if t >= warmup), None)
-    rss_end = rss[-1][1] if rss else None
+    # RSS swings with the activations of the batches in flight (tens of MB either way from one
+    # second to the next), so single samples are compared as window medians: the window that
+    # starts at the end of warm-up vs the last window of the run. The point values are kept too.
+    window = min(30.0, warmup / 2)
+    after = [v for t, v in rss if warmup <= t < warmup + window]
+    last = [v for t, v in rss if t >= wall - window]
+    rss_mark = statistics.median(after) if after else None
+    rss_end = statistics.median(last) if last else None
     growth = (rss_end - rss_mark) / rss_mark * 100 if rss_mark and rss_end else None
+    point_mark = next((v for t, v in rss if t >= warmup), None)
+    point_growth = (rss[-1][1] - point_mark) / point_mark * 100 if point_mark and rss else None
     ok_latency = sorted(stats.latencies)
 
     def pct(p):
@@ -336,6 +345,8 @@ async def run_load(url: str, pid: int | None, names: dict, args) -> dict:
         "rss_mb_at_warmup": round(rss_mark / 2**20, 1) if rss_mark else None, "warmup_s": round(warmup, 1),
         "rss_mb_end": round(rss_end / 2**20, 1) if rss_end else None,
         "rss_growth_pct": round(growth, 2) if growth is not None else None,
+        "rss_window_s": window,
+        "rss_point_growth_pct": round(point_growth, 2) if point_growth is not None else None,
         "rss_mb_timeline": [(t, round(v / 2**20, 1)) for t, v in rss[:: max(1, len(rss) // 20)]],
     }
 
@@ -415,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
           f"expected 4xx: {result['expected_4xx']}, unexpected: {result['unexpected'] or 0}")
     print(f"latency of 200s (ms): {result['latency_ms_200']}; max in flight {result['max_in_flight']}, "
           f"max queue depth {result['max_queue_depth']}")
-    print(f"RSS: {result['rss_mb_at_warmup']} MB at {result['warmup_s']}s -> {result['rss_mb_end']} MB at the end "
-          f"({result['rss_growth_pct']}%)")
+    print(f"RSS (median of {result['rss_window_s']:.0f}s windows): {result['rss_mb_at_warmup']} MB after "
+          f"{result['warmup_s']}s warm-up -> {result['rss_mb_end']} MB at the end ({result['rss_growth_pct']}%; "
+          f"single samples: {result['rss_point_growth_pct']}%)")
     for kind, outcomes in result["by_kind"].items():
         print(f"  {kind:20s} {outcomes}")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems), f"(details: {args.json})")

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
 from .batching import InferenceFailed
+from .memory import limit_arenas, trim_periodically
 from .metrics import Metrics
 from .pipelines import InputError
 from .registry import ModelNotFound, ModelUnavailable, Registry
@@ -143,6 +144,7 @@ class _Stream(StreamingResponse):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    limit_arenas()
     metrics = Metrics()
     registry = Registry(settings, metrics)
     logging.getLogger("service").setLevel(settings.log_level.upper())
@@ -165,9 +167,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             torch.set_num_threads(settings.torch_threads)
         await registry.start()
+        trimmer = asyncio.create_task(trim_periodically())
         try:
             yield
         finally:
+            trimmer.cancel()
             await registry.stop()
 
     app = FastAPI(
