@@ -50,5 +50,12 @@ models/demo-%/all_results.json: training/recipes/demo-%.yaml
 demo: demo-train
 	$(PY) scripts/demo.py $(DEMO_FLAGS)
 
+# Speed and quality against in-run baselines (about 1.5 h on 2 CPU cores); tables on stdout,
+# JSON + PNG in benchmarks/results/ (docs/performance.md).
+bench: install assets
+	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/quality.py
+
 clean:
 	rm -rf $(VENV) assets .pytest_cache

@@ -1,10 +1,12 @@
 """Dynamic micro-batching: one worker thread per loaded model.
 
-Requests become `Job`s on the model's queue. The worker takes the first waiting job, then keeps
-gathering jobs for up to `max_batch_wait_ms` (or until `max_batch_size` inputs / `max_batch_tokens`
-padded tokens) and runs them in one forward pass. Everything heavy (tokenising, decoding images,
-the forward pass, generation) happens on this thread, so the event loop only moves bytes and one
-model never waits for another. Results go back to the loop with `call_soon_threadsafe`.
+Requests become `Job`s on the model's queue. The worker takes the first waiting job plus every job
+already queued behind it (up to `max_batch_size` inputs / `max_batch_tokens` padded tokens) and runs
+them in one forward pass at once: a lone request never waits, and under load the next batch forms
+while the current forward pass runs. Only when the previous pass held more jobs than have arrived
+(their clients are about to send again) does it wait for more, `max_batch_wait_ms` at most.
+Everything heavy (tokenising, decoding images, the forward pass, generation) happens on this
+thread, so the event loop only moves bytes and one model never waits for another. Results go back to the loop with `call_soon_threadsafe`.
 
 The queue is unbounded here on purpose: the app refuses requests over `max_concurrent_requests`
 (429) before they reach it, which bounds every queue.
@@ -68,6 +70,7 @@ class ModelWorker:
         self.wait_s = settings.max_batch_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
         self.batches = 0  # forward passes run
+        self._last_jobs = 0  # jobs in the previous forward pass (worker thread only)
         self.largest_batch = 0  # most jobs in one forward pass
         self._thread = threading.Thread(target=self._loop, name=f"model-{name}", daemon=True)
         self._thread.start()
@@ -111,13 +114,25 @@ class ModelWorker:
             if job.prepared is None and not self._prepare(job):
                 continue
             batch, inputs, longest = [job], job.size, job.cost
-            deadline = time.perf_counter() + self.wait_s
+            deadline = None
             while inputs < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
                 try:
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    nxt = self._queue.get_nowait()  # what is already waiting joins at once
                 except queue.Empty:
-                    break
+                    # Nothing queued: run now, unless the previous pass was larger than this batch so far
+                    # (we are under load and its requesters are about to come back); then wait for them,
+                    # at most max_batch_wait_ms after the first job. Alone, a request never waits.
+                    if len(batch) >= self._last_jobs or self.wait_s <= 0:
+                        break
+                    if deadline is None:
+                        deadline = time.perf_counter() + self.wait_s
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if nxt is _STOP:
                     pending = nxt
                     break
@@ -154,6 +169,7 @@ class ModelWorker:
             results, error = [None] * len(batch), self._failure(exc)
         end = time.perf_counter()
         self.batches += 1
+        self._last_jobs = len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         if self.metrics is not None:
             self.metrics.batch_size.labels(self.name).observe(inputs)

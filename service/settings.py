@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     api_key: SecretStr | None = Field(None, description="When set, every route except /health, the playground page / and the API docs (/docs, /redoc, /openapi.json: static pages that hold no model or request data) requires `Authorization: Bearer <key>`, compared in constant time.")
     max_batch_size: int = Field(32, ge=1, description="Most inputs in one forward pass; also the most inputs one request may send.")
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests before running a forward pass (ms).")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="Upper bound (ms) on how long the batcher waits for more requests; a lone request runs at once, and batches form while the previous forward pass runs.")
     max_batch_tokens: int = Field(16384, ge=1, description="Most padded tokens (batch size x longest input) in one text forward pass.")
     max_concurrent_requests: int = Field(128, ge=1, description="Inference requests in flight at once; more are refused with 429 and Retry-After.")
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted request body in bytes (413 above, refused by Content-Length before the body is read).")

@@ -1,0 +1,598 @@
+"""Serving benchmark: our server vs the raw batched forward (the limit) and a naive server.
+
+    python benchmarks/serving.py                      # all models, concurrency 1/8/32/64, 3 repeats
+    python benchmarks/serving.py --models bert-base --repeats 5
+    python benchmarks/serving.py --quick              # tiny models, seconds (CI keeps it from rotting)
+
+For each model, in the same run and on the same CPU:
+  raw    the model's forward on pre-tokenized / pre-processed inputs, in the benchmark process:
+         batches of `max_batch_size` (throughput limit) and single inputs (latency floor);
+         for generation, sequential `model.generate` and one prompt forward pass.
+  naive  benchmarks/naive_server.py: FastAPI calling `pipeline(x)` per request, no batching.
+  ours   `uvicorn service.app:app` serving the same folder (default settings, no reload polling).
+Both servers are uvicorn subprocesses on 127.0.0.1, started the same way and pinned with
+`taskset` to every core (on this 2-core machine the load client shares them: its CPU use is
+measured and reported as `client CPU`). Load: a closed loop of N httpx async clients, each
+sending its next request when the previous answer arrives, for a fixed number of requests after
+a warm-up; inputs are real (Rotten Tomatoes held-out sentences, Fashion-MNIST test images as PNG,
+32-token prompts cut from RT sentences). Every cell is the median of `--repeats` repetitions;
+the repetitions are interleaved (raw, naive, ours, raw, ...) so that machine noise hits all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    DEMO_IMAGES,
+    DEMO_SENTIMENT,
+    GPT2_TOKENIZER,
+    REPO,
+    RESULTS,
+    WORK,
+    build_gpt2,
+    build_resnet50,
+    build_text_model,
+    fashion_png,
+    hardware,
+    median,
+    percentile,
+    plot_path,
+    print_hardware,
+    python,
+    rss_mb,
+    rt_sentences,
+    shown,
+    table,
+    write_results,
+)
+
+MAX_BATCH = 32  # the server's default max_batch_size; raw batches use the same size
+SLOW_MODELS = ("bert-base", "resnet-50")  # fewer raw inputs per measurement
+GEN_NEW_TOKENS = 32
+PROMPT_TOKENS = 32
+
+# name -> task, folder (built on first use), requests per concurrency level
+MODELS = {
+    "bert-base": ("text-classification", lambda: build_text_model(WORK / "models" / "bert-base"), 96),
+    "minilm-demo": ("text-classification", lambda: DEMO_SENTIMENT, 384),
+    "mobilenet-v2": ("image-classification", lambda: DEMO_IMAGES, 256),
+    "resnet-50": ("image-classification", lambda: build_resnet50(WORK / "models" / "resnet-50"), 96),
+    "gpt2": ("text-generation", lambda: build_gpt2(WORK / "models" / "gpt2"), 8),
+}
+QUICK_MODELS = {
+    "tiny-bert": ("text-classification", lambda: build_text_model(WORK / "models" / "tiny-bert", "tiny"), 32),
+    "tiny-resnet": ("image-classification", lambda: build_resnet50(WORK / "models" / "tiny-resnet", "tiny"), 32),
+    "tiny-gpt2": ("text-generation", lambda: build_gpt2(WORK / "models" / "tiny-gpt2", "tiny"), 4),
+}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def prompts(n: int) -> list[str]:
+    """n prompts of PROMPT_TOKENS GPT-2 tokens, cut from RT sentences."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    out = []
+    sentences = rt_sentences("test")
+    for s in sentences:
+        ids = tok(" ".join([s] * 4))["input_ids"][:PROMPT_TOKENS]
+        out.append(tok.decode(ids))
+        if len(out) == n:
+            break
+    return out
+
+
+def inputs_for(task: str, n: int):
+    if task == "text-classification":
+        sentences = rt_sentences("test")
+        step = max(len(sentences) // n, 1)
+        return [sentences[(i * step) % len(sentences)] for i in range(n)]  # spread over the file (both labels)
+    if task == "image-classification":
+        return fashion_png(n)
+    return prompts(n)
+
+
+# -- raw baselines (in this process, no server running anything) ----------------------------------
+
+def make_raw(task: str, folder: Path, inputs, gen_tokens: int, n_singles: int = 48):
+    """Load the model once; returns `measure()`, which times the raw forward passes again."""
+    import torch
+    from PIL import Image
+
+    if task == "text-classification":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        batches = [tok(inputs[i:i + MAX_BATCH], padding=True, truncation=True, max_length=512, return_tensors="pt")
+                   for i in range(0, len(inputs), MAX_BATCH)]
+        singles = [tok(t, return_tensors="pt") for t in inputs[:n_singles]]
+    elif task == "image-classification":
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(folder).eval()
+        proc = AutoImageProcessor.from_pretrained(folder)
+        import io
+
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in inputs]
+        batches = [{"pixel_values": proc(images=images[i:i + MAX_BATCH], return_tensors="pt")["pixel_values"]}
+                   for i in range(0, len(images), MAX_BATCH)]
+        singles = [{"pixel_values": proc(images=[im], return_tensors="pt")["pixel_values"]} for im in images[:n_singles]]
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = [torch.tensor([tok(p)["input_ids"]]) for p in inputs]
+
+        def measure_generation() -> dict:
+            with torch.inference_mode():
+                model(input_ids=ids[0])  # warm-up
+                forward_ms = []
+                for x in ids[: max(len(ids), 8)]:
+                    t0 = time.perf_counter()
+                    model(input_ids=x)
+                    forward_ms.append((time.perf_counter() - t0) * 1000)
+                tokens, t0 = 0, time.perf_counter()
+                for x in ids:
+                    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=gen_tokens,
+                                         do_sample=False, pad_token_id=50256)
+                    tokens += out.shape[1] - x.shape[1]
+                seconds = time.perf_counter() - t0
+            return {"generate_tokens_per_s": tokens / seconds, "prompt_forward_ms": median(forward_ms),
+                    "generate_ms_per_request": seconds * 1000 / len(ids)}
+
+        return measure_generation
+
+    def measure() -> dict:
+        return _measure_forward(model, batches, singles)
+
+    return measure
+
+
+def _measure_forward(model, batches: list[dict], singles: list[dict]) -> dict:
+    import torch
+
+    with torch.inference_mode():
+        model(**batches[0])  # warm-up
+        model(**singles[0])
+        count, t0 = 0, time.perf_counter()
+        for b in batches:
+            model(**b)
+            count += next(iter(b.values())).shape[0]
+        batched = count / (time.perf_counter() - t0)
+        single_ms = []
+        for s in singles:
+            t1 = time.perf_counter()
+            model(**s)
+            single_ms.append((time.perf_counter() - t1) * 1000)
+    return {"batched_inputs_per_s": batched, "single_forward_ms": median(single_ms)}
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A uvicorn subprocess (ours or naive) pinned to every core, on a free loopback port."""
+
+    def __init__(self, kind: str, name: str, task: str, folder: Path, env_extra: dict | None = None):
+        self.kind, self.name, self.task = kind, name, task
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if kind == "ours":
+            models_dir = WORK / "serve" / name
+            models_dir.mkdir(parents=True, exist_ok=True)
+            link = models_dir / name
+            if not link.exists():
+                link.symlink_to(folder.resolve())
+            env.update(HF_SERVE_MODELS_DIR=str(models_dir), HF_SERVE_RELOAD_INTERVAL_S="0")
+            app = os.environ.get("BENCH_APP", "service.app:app")
+            self.path = f"/models/{name}"
+            self.ready_path = "/ready"
+        else:
+            env.update(NAIVE_MODEL=str(folder), NAIVE_TASK=task)
+            app = "benchmarks.naive_server:app"
+            self.path = "/image" if task == "image-classification" else "/text"
+            self.ready_path = "/health"
+        env.update(env_extra or {})
+        cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        cmd = ["taskset", "-c", cores, python(), "-m", "uvicorn", app, "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning"]
+        self.log = WORK / "logs" / f"server-{kind}-{name}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited; log {self.log}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.kind} server not ready after {timeout} s")
+
+    def rss(self) -> tuple[float, float]:
+        return rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+def request_kwargs(server: Server, task: str, item, stream: bool = False) -> dict:
+    if task == "image-classification":
+        return {"content": item, "headers": {"content-type": "image/png"}}
+    if task == "text-generation":
+        params = {"max_new_tokens": GEN_NEW_TOKENS, "details": True}
+        return {"json": {"inputs": item, "parameters": params, "stream": stream}}
+    return {"json": {"inputs": item}}
+
+
+def count_tokens(task: str, body) -> int:
+    if task != "text-generation":
+        return 0
+    return int(body[0]["details"]["generated_tokens"])
+
+
+async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, concurrency: int) -> dict:
+    """`concurrency` clients, each sending its next request when its answer arrives."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
+        async def one(i: int):
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(server.path, **request_kwargs(server, task, inputs[i % len(inputs)]))
+                ok = r.status_code == 200
+                tokens = count_tokens(task, r.json()) if ok else 0
+            except httpx.HTTPError:
+                ok, tokens = False, 0
+            return time.perf_counter() - t0, ok, tokens
+
+        # warm-up: one round at this concurrency (connections open, first batches run)
+        await asyncio.gather(*(one(i) for i in range(concurrency)))
+        next_i = 0
+        latencies, errors, tokens = [], 0, 0
+
+        async def client_loop():
+            nonlocal next_i, errors, tokens
+            while next_i < n_requests:
+                i = next_i
+                next_i += 1
+                lat, ok, tok = await one(i)
+                if ok:
+                    latencies.append(lat * 1000)
+                    tokens += tok
+                else:
+                    errors += 1
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+    return {
+        "requests": n_requests, "errors": errors, "wall_s": wall,
+        "throughput_rps": len(latencies) / wall,
+        "tokens_per_s": tokens / wall if task == "text-generation" else None,
+        "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99),
+        "client_cpu_pct": 100 * cpu / wall,  # of one core
+    }
+
+
+async def time_to_first_token(server: Server, prompts_: list[str]) -> float:
+    """Median ms from sending a streamed request to its first server-sent event."""
+    import httpx
+
+    times = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        for i, p in enumerate([prompts_[0]] + prompts_):
+            t0 = time.perf_counter()
+            async with client.stream("POST", server.path, **request_kwargs(server, "text-generation", p, stream=True)) as r:
+                first = True
+                async for line in r.aiter_lines():  # read to the end (max_new_tokens)
+                    if first and line.startswith("data:"):
+                        first = False
+                        if i > 0:  # the first request is a warm-up
+                            times.append((time.perf_counter() - t0) * 1000)
+    return median(times)
+
+
+# -- one model ------------------------------------------------------------------------------------
+
+def bench_model(name: str, spec, args) -> dict:
+    task, make_folder, n_requests = spec
+    n_requests = args.requests or n_requests
+    folder = make_folder()
+    generation = task == "text-generation"
+    levels = args.gen_concurrency if generation else args.concurrency
+    inputs = inputs_for(task, max(n_requests, 64) if not generation else max(n_requests, 8))
+    kinds = ["ours"] if generation else ["naive", "ours"]
+    print(f"\n## {name} ({task}, {folder})", flush=True)
+    servers = {k: Server(k, name, task, folder) for k in kinds}
+    out: dict = {"task": task, "folder": str(folder), "requests_per_level": n_requests, "raw": [],
+                 "servers": {k: {str(c): [] for c in levels} for k in kinds}, "rss_mb": {}, "ttft_ms": []}
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        raw_inputs = inputs[: (16 if args.quick else 64 if name in SLOW_MODELS else 128)] if not generation \
+            else inputs[: (2 if args.quick else 6)]
+        measure_raw = make_raw(task, folder, raw_inputs, GEN_NEW_TOKENS, 8 if args.quick else 24)
+        for rep in range(args.repeats):
+            for c in levels:
+                if not generation or c == levels[0]:
+                    # raw again before every level: the machine is shared, so the baseline is
+                    # sampled as close in time to the servers' runs as possible (median of all)
+                    settle([s.proc.pid for s in servers.values()])
+                    raw = measure_raw()
+                    out["raw"].append(raw)
+                    print(f"  rep {rep + 1}: raw {json.dumps({k: round(v, 2) for k, v in raw.items()})}", flush=True)
+                for kind, s in servers.items():
+                    n = max(n_requests, 2 * c)
+                    r = asyncio.run(closed_loop(s, task, inputs, n, c))
+                    r["rss_mb"], r["peak_rss_mb"] = s.rss()
+                    out["servers"][kind][str(c)].append(r)
+                    extra = f", {r['tokens_per_s']:.1f} tok/s" if generation else ""
+                    print(f"  rep {rep + 1} c={c:<3} {kind:5}: {r['throughput_rps']:7.1f} req/s{extra}, p50 {r['p50_ms']:.1f} ms, "
+                          f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, client CPU {r['client_cpu_pct']:.0f} %", flush=True)
+            if generation:
+                ttft = asyncio.run(time_to_first_token(servers["ours"], inputs[: (2 if args.quick else 8)]))
+                out["ttft_ms"].append(ttft)
+                print(f"  rep {rep + 1} time to first streamed token {ttft:.1f} ms", flush=True)
+        for kind, s in servers.items():
+            out["rss_mb"][kind] = s.rss()[1]
+            out[f"{kind}_stats"] = stats_of(s)
+    finally:
+        for s in servers.values():
+            s.stop()
+    out["summary"] = summarise(out, levels, generation)
+    return out
+
+
+def settle(pids: list[int], timeout: float = 20.0) -> None:
+    """Before a raw measurement: wait (at most `timeout`) until the servers are idle, so that work
+    left over from the previous level (e.g. thread pools spinning down) does not slow the baseline."""
+    import psutil
+
+    procs = [psutil.Process(p) for p in pids]
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.cpu_percent(None)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if all(p.cpu_percent(None) < 5 for p in procs):
+            return
+
+
+def stats_of(server: Server) -> dict | None:
+    """Batch statistics from our /metrics (forward passes and inputs per pass)."""
+    if server.kind != "ours":
+        return None
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    count = re.search(rf'hf_serve_batch_size_count{{model="{server.name}"}} (\S+)', text)
+    total = re.search(rf'hf_serve_batch_size_sum{{model="{server.name}"}} (\S+)', text)
+    if not count or not total or float(count.group(1)) == 0:
+        return None
+    return {"forward_passes": float(count.group(1)), "mean_batch": float(total.group(1)) / float(count.group(1))}
+
+
+def summarise(out: dict, levels: list[int], generation: bool) -> dict:
+    raw = {k: median([r[k] for r in out["raw"]]) for k in out["raw"][0]}
+    summary: dict = {"raw": raw, "levels": {}}
+    for c in levels:
+        row = {}
+        for kind, per in out["servers"].items():
+            runs = per[str(c)]
+            row[kind] = {k: median([r[k] for r in runs]) for k in ("throughput_rps", "tokens_per_s", "p50_ms", "p95_ms",
+                                                                 "p99_ms", "client_cpu_pct", "rss_mb", "peak_rss_mb")}
+            row[kind]["errors"] = sum(r["errors"] for r in runs)
+        summary["levels"][str(c)] = row
+    if generation:
+        summary["ttft_ms"] = median(out["ttft_ms"])
+        one = summary["levels"][str(levels[0])]["ours"]
+        summary["targets"] = {
+            "tokens_per_s_vs_sequential_generate_c1": one["tokens_per_s"] / raw["generate_tokens_per_s"],
+            "ttft_vs_prompt_forward_ms": [summary["ttft_ms"], raw["prompt_forward_ms"]],
+        }
+        if len(levels) > 1:
+            summary["targets"]["tokens_per_s_vs_sequential_generate_c8"] = (
+                summary["levels"][str(levels[1])]["ours"]["tokens_per_s"] / raw["generate_tokens_per_s"])
+        return summary
+    # Paired ratios: each level's run against the raw measurement taken just before it (same
+    # repetition), then the median over repetitions. On a shared machine the load changes from
+    # minute to minute; pairing in time cancels most of it.
+    n_levels = len(levels)
+    for i, c in enumerate(levels):
+        row = summary["levels"][str(c)]
+        pairs = [(out["raw"][rep * n_levels + i], out["servers"]["ours"][str(c)][rep], out["servers"]["naive"][str(c)][rep])
+                 for rep in range(len(out["servers"]["ours"][str(c)])) if rep * n_levels + i < len(out["raw"])]
+        row["paired"] = {
+            "ours_vs_raw_batched": median([o["throughput_rps"] / r["batched_inputs_per_s"] for r, o, _ in pairs]),
+            "ours_vs_naive": median([o["throughput_rps"] / n["throughput_rps"] for _, o, n in pairs if n["throughput_rps"]]),
+            "ours_p50_minus_raw_single_ms": median([o["p50_ms"] - r["single_forward_ms"] for r, o, _ in pairs]),
+            "naive_p50_minus_raw_single_ms": median([n["p50_ms"] - r["single_forward_ms"] for r, _, n in pairs]),
+        }
+    targets = {}
+    if "32" in summary["levels"]:
+        paired = summary["levels"]["32"]["paired"]
+        targets["c32_vs_naive"] = paired["ours_vs_naive"]
+        targets["c32_vs_raw_batched"] = paired["ours_vs_raw_batched"]
+        targets["c32_vs_naive_met"] = targets["c32_vs_naive"] >= 3
+        targets["c32_vs_raw_met"] = targets["c32_vs_raw_batched"] >= 0.85
+    if "1" in summary["levels"]:
+        targets["c1_p50_minus_raw_single_ms"] = summary["levels"]["1"]["paired"]["ours_p50_minus_raw_single_ms"]
+        targets["c1_p50_met"] = targets["c1_p50_minus_raw_single_ms"] <= 5
+    summary["targets"] = targets
+    return summary
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def print_tables(results: dict) -> None:
+    for name, m in results["models"].items():
+        s = m["summary"]
+        raw = s["raw"]
+        print(f"\n### {name} ({m['task']})")
+        if m["task"] == "text-generation":
+            rows = [["sequential generate (raw)", raw["generate_tokens_per_s"], "1.00x", "-", "-"]]
+            for c, row in s["levels"].items():
+                o = row["ours"]
+                rows.append([f"ours, {c} client(s)", o["tokens_per_s"], f"{o['tokens_per_s'] / raw['generate_tokens_per_s']:.2f}x",
+                             o["p50_ms"], o["errors"]])
+            print(table(["", "tokens/s", "vs raw", "p50 request (ms)", "errors"], rows))
+            print(f"time to first streamed token {s['ttft_ms']:.1f} ms vs one {PROMPT_TOKENS}-token prompt forward "
+                  f"{raw['prompt_forward_ms']:.1f} ms")
+            continue
+        print(f"raw batched forward ({MAX_BATCH}): {raw['batched_inputs_per_s']:.1f} inputs/s; "
+              f"raw single forward: {raw['single_forward_ms']:.1f} ms")
+        rows = []
+        for c, row in s["levels"].items():
+            o, n = row["ours"], row["naive"]
+            rows.append([c, o["throughput_rps"], n["throughput_rps"], f"{row['paired']['ours_vs_naive']:.2f}x",
+                         f"{row['paired']['ours_vs_raw_batched']:.0%}",
+                         f"{o['p50_ms']:.1f} / {o['p95_ms']:.1f} / {o['p99_ms']:.1f}",
+                         f"{n['p50_ms']:.1f} / {n['p95_ms']:.1f} / {n['p99_ms']:.1f}",
+                         f"{o['errors']} / {n['errors']}", f"{o['peak_rss_mb']:.0f} / {n['peak_rss_mb']:.0f}",
+                         f"{o['client_cpu_pct']:.0f} %"])
+        print(table(["clients", "ours req/s", "naive req/s", "ours/naive", "ours/raw", "ours p50/p95/p99 ms",
+                     "naive p50/p95/p99 ms", "errors ours/naive", "peak RSS MB ours/naive", "client CPU"], rows))
+        t = s["targets"]
+        if t:
+            print(f"targets: c32 ours/naive {t.get('c32_vs_naive', 0):.2f}x (>= 3), ours/raw {t.get('c32_vs_raw_batched', 0):.0%} "
+                  f"(>= 85 %), c1 p50 - raw single = {t.get('c1_p50_minus_raw_single_ms', 0):+.1f} ms (<= 5)")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cls = [(n, m) for n, m in results["models"].items() if m["task"] != "text-generation"]
+    gen = [(n, m) for n, m in results["models"].items() if m["task"] == "text-generation"]
+    cols = max(len(cls), 1) + (1 if gen else 0)
+    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 7.5), squeeze=False)
+    for j, (name, m) in enumerate(cls):
+        s = m["summary"]
+        levels = [int(c) for c in s["levels"]]
+        ax = axes[0][j]
+        for kind, color in (("ours", "C0"), ("naive", "C3")):
+            ax.plot(levels, [s["levels"][str(c)][kind]["throughput_rps"] for c in levels], "o-", color=color, label=kind)
+        ax.axhline(s["raw"]["batched_inputs_per_s"], color="grey", ls="--", label="raw batched forward")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name}: throughput")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("requests/s")
+        ax.legend(fontsize=7)
+        ax = axes[1][j]
+        for kind, color in (("ours", "C0"), ("naive", "C3")):
+            ax.plot(levels, [s["levels"][str(c)][kind]["p50_ms"] for c in levels], "o-", color=color, label=f"{kind} p50")
+            ax.plot(levels, [s["levels"][str(c)][kind]["p99_ms"] for c in levels], "x:", color=color, label=f"{kind} p99")
+        ax.axhline(s["raw"]["single_forward_ms"], color="grey", ls="--", label="raw single forward")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: latency")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    if gen:
+        name, m = gen[0]
+        s = m["summary"]
+        ax = axes[0][cols - 1]
+        labels = ["sequential\ngenerate"] + [f"ours\n{c} client(s)" for c in s["levels"]]
+        values = [s["raw"]["generate_tokens_per_s"]] + [r["ours"]["tokens_per_s"] for r in s["levels"].values()]
+        ax.bar(labels, values, color=["grey"] + ["C0"] * len(s["levels"]))
+        ax.set_title(f"{name}: generated tokens/s")
+        ax = axes[1][cols - 1]
+        ax.bar(["one prompt\nforward", "first streamed\ntoken"], [s["raw"]["prompt_forward_ms"], s["ttft_ms"]],
+               color=["grey", "C0"])
+        ax.set_title(f"{name}: time to first token (ms)")
+    fig.suptitle(f"Serving on {results['hardware']['cpu']} ({results['hardware']['cores']} cores), "
+                 f"median of {results['repeats']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models, few requests, 1 repeat (seconds)")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--gen-concurrency", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default: per model)")
+    parser.add_argument("--name", default="serving", help="results file name (benchmarks/results/<name>.json)")
+    parser.add_argument("--summarise-only", action="store_true", help="recompute summaries, tables and plot from the JSON")
+    args = parser.parse_args(argv)
+    if args.summarise_only:
+        path = RESULTS / f"{args.name}{'.quick' if args.quick else ''}.json"
+        results = json.loads(path.read_text())
+        for m in results["models"].values():
+            gen = m["task"] == "text-generation"
+            m["summary"] = summarise(m, [int(c) for c in next(iter(m["servers"].values()))], gen)
+        write_results(args.name, results, args.quick)
+        print_tables(results)
+        plot(results, plot_path(args.name, args.quick))
+        return 0
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.gen_concurrency = [int(c) for c in args.gen_concurrency.split(",")]
+    models = QUICK_MODELS if args.quick else MODELS
+    if args.quick:
+        args.repeats, args.concurrency, args.gen_concurrency = 1, [1, 8], [1, 2]
+    chosen = args.models.split(",") if args.models else list(models)
+
+    hw = hardware()
+    print_hardware(hw)
+    results: dict = {"hardware": hw, "quick": args.quick, "repeats": args.repeats, "max_batch": MAX_BATCH,
+                     "client": "httpx.AsyncClient closed loop on 127.0.0.1, same 2 cores as the server", "models": {}}
+    started = time.perf_counter()
+    for name in chosen:
+        results["models"][name] = bench_model(name, models[name], args)
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        path = write_results(args.name, results, args.quick)
+    print_tables(results)
+    png = plot_path(args.name, args.quick)
+    plot(results, png)
+    print(f"\nwrote {shown(path)} and {shown(png)} ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Training benchmark: our fine-tuning entry point vs a plain `run_glue_no_trainer.py`-style loop.
+
+    python benchmarks/training.py             # 3 repeats of 40 steps each, plus 2-process DDP
+    python benchmarks/training.py --quick     # 2 steps on 64 examples (seconds)
+
+Same model (all-MiniLM-L6-v2 + a new 2-class head), data (Rotten Tomatoes train -> accuracy on the
+2,121 held-out sentences), batch size (32), learning rate, schedule, number of optimizer steps and
+truncation (128 tokens). The baseline (benchmarks/train_baseline.py) pads every example to 128
+tokens and draws random batches, as transformers' `run_glue_no_trainer.py` does; ours
+(`training/finetune.py`) pads each batch to its longest example and groups similar lengths.
+Throughput counts the training loop only (evaluation and saving excluded, in both). Each repeat runs
+the baseline and ours back to back; the table shows medians. Peak RSS is the process's VmHWM.
+
+Scaling: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` (gloo DDP, the
+same global batch of 32 as 2 x 16) against one process, with ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    MINILM,
+    REPO,
+    RT_DIR,
+    WORK,
+    hardware,
+    median,
+    plot_path,
+    print_hardware,
+    python,
+    rss_mb,
+    shown,
+    table,
+    write_results,
+)
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Run to completion, polling the peak RSS (MB) of the process and its children."""
+    import psutil
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT)
+        peak = 0.0
+        while proc.poll() is None:
+            try:
+                procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                peak = max([peak] + [rss_mb(p.pid)[1] for p in procs])
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed; log {log}:\n{log.read_text()[-3000:]}")
+    return peak
+
+
+def common_flags(args, train_file: Path, eval_file: Path, batch: int) -> dict:
+    return {"model_name_or_path": MINILM, "train_file": train_file, "validation_file": eval_file,
+            "max_length": 128, "per_device_train_batch_size": batch, "per_device_eval_batch_size": 64,
+            "learning_rate": 1e-4, "weight_decay": 0.01, "num_warmup_steps": 0 if args.quick else 5,
+            "max_train_steps": args.steps, "seed": 42}
+
+
+def argv_of(flags: dict) -> list[str]:
+    out = []
+    for k, v in flags.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def baseline(args, files, rep: int) -> dict:
+    log = WORK / "training" / f"baseline-{rep}.log"
+    cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32))]
+    peak = run_measured(cmd, log)
+    line = [x for x in log.read_text().splitlines() if x.startswith("{")][-1]
+    return {**json.loads(line), "peak_rss_mb": peak}
+
+
+def ours(args, files, rep: int, processes: int = 1) -> dict:
+    out = WORK / "training" / f"ours-{processes}p-{rep}"
+    flags = {**common_flags(args, *files, 32 // processes), "task": "text-classification", "text_column": "text",
+             "label_column": "label", "output_dir": out, "overwrite_output_dir": "true"}
+    if processes == 1:
+        cmd = [python(), "training/finetune.py", *argv_of(flags)]
+        env = None
+    else:
+        accelerate = str(Path(python()).with_name("accelerate"))
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "training/finetune.py", *argv_of(flags)]
+        env = {"ACCELERATE_USE_CPU": "true"}
+    peak = run_measured(cmd, WORK / "training" / f"ours-{processes}p-{rep}.log", env)
+    results = json.loads((out / "all_results.json").read_text())
+    return {"train_runtime_s": results["train_runtime_s"], "train_samples_per_second": results["train_samples_per_second"],
+            "train_tokens_per_second": results.get("train_tokens_per_second"), "steps": results["train_steps"],
+            "eval_accuracy": results["eval_accuracy"], "eval_examples": results["eval_examples"],
+            "num_processes": processes, "peak_rss_mb": peak}
+
+
+def quick_files() -> tuple[Path, Path]:
+    import csv
+
+    data = WORK / "training" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n in (("train", 64), ("test", 64)):
+        with (RT_DIR / f"{split}.csv").open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        rows = rows[: n // 2] + rows[-n // 2:]  # both labels
+        path = data / f"rt-{split}-{n}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        paths.append(path)
+    return tuple(paths)
+
+
+KEYS = ("train_samples_per_second", "train_tokens_per_second", "eval_accuracy", "peak_rss_mb", "train_runtime_s")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    names = ["baseline\n(pad 128, random)", "ours\n(1 process)"] + (["ours\n(2-process DDP)"] if "ours_ddp" in s else [])
+    keys = ["baseline", "ours"] + (["ours_ddp"] if "ours_ddp" in s else [])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, title) in zip(axes, (("train_samples_per_second", "examples/s"), ("eval_accuracy", "accuracy (RT held-out)"),
+                                       ("peak_rss_mb", "peak RSS (MB)")), strict=True):
+        ax.bar(names, [s[k][key] for k in keys], color=["grey", "C0", "C2"][: len(keys)])
+        ax.set_title(title)
+    fig.suptitle(f"MiniLM on Rotten Tomatoes, {results['steps']} steps x batch 32, "
+                 f"{results['hardware']['cpu']} ({results['hardware']['cores']} cores), median of {results['repeats']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ddp-repeats", type=int, default=1, help="2-process runs (0 skips the scaling part)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.ddp_repeats = 2, 1, 0
+    files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
+
+    hw = hardware()
+    print_hardware(hw)
+    results: dict = {"hardware": hw, "quick": args.quick, "steps": args.steps, "batch_size": 32, "repeats": args.repeats,
+                     "runs": {"baseline": [], "ours": [], "ours_ddp": []}}
+    started = time.perf_counter()
+    for rep in range(args.repeats):
+        for kind, fn in (("baseline", baseline), ("ours", ours)):
+            r = fn(args, files, rep)
+            results["runs"][kind].append(r)
+            print(f"  rep {rep + 1} {kind:8}: {r['train_samples_per_second']:.1f} ex/s, {r['train_tokens_per_second']:.0f} tok/s, "
+                  f"accuracy {r['eval_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    for rep in range(args.ddp_repeats):
+        r = ours(args, files, rep, processes=2)
+        results["runs"]["ours_ddp"].append(r)
+        print(f"  rep {rep + 1} ours 2-process DDP: {r['train_samples_per_second']:.1f} ex/s, accuracy {r['eval_accuracy']:.4f}",
+              flush=True)
+    summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
+    summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / summary["baseline"]["train_samples_per_second"]
+    summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - summary["baseline"]["eval_accuracy"])
+    if "ours_ddp" in summary:
+        summary["ddp_scaling"] = summary["ours_ddp"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
+    results["summary"] = summary
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    path = write_results("training", results, args.quick)
+
+    b = summary["baseline"]
+    rows = []
+    for key, label in (("baseline", "baseline: run_glue_no_trainer-style (pad to 128, random batches)"),
+                       ("ours", "ours: training/finetune.py, 1 process"), ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)")):
+        if key in summary:
+            s = summary[key]
+            rows.append([label, s["train_samples_per_second"], f"{s['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
+                         s["train_tokens_per_second"], 100 * s["eval_accuracy"], s["peak_rss_mb"]])
+    print(f"\nMiniLM on Rotten Tomatoes train, {args.steps} steps x batch 32 (max 128 tokens) -> accuracy on "
+          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {args.repeats}")
+    print(table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows))
+    png = plot_path("training", args.quick)
+    plot(results, png)
+    print(f"\nwrote {shown(path)} and {shown(png)} ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
