@@ -67,18 +67,30 @@ def _fault(stage: str) -> None:
     raise OSError(errno.ENOSPC, f"No space left on device (injected by FINETUNE_EXPORT_FAULT at {stage})")
 
 
+def replace_dir(tmp: Path, target: Path) -> Path | None:
+    """Make the complete folder `tmp` appear at `target` (one atomic exchange where the OS has
+    renameat2, else two renames: a brief window without a folder, never a half one).
+
+    Returns the hidden folder that now holds the previous content, for the caller to remove, or
+    None when `target` did not exist.
+    """
+    if not target.exists():
+        tmp.rename(target)
+        return None
+    if exchange_dirs(tmp, target):
+        return tmp
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(old)
+    tmp.rename(target)
+    return old
+
+
 def swap_into_place(tmp: Path, target: Path) -> None:
     """Make the complete folder `tmp` appear at `target`; the old target's `checkpoints/` moves into
     the new folder, the rest of the old target is removed."""
-    if not target.exists():
-        tmp.rename(target)
+    old = replace_dir(tmp, target)
+    if old is None:
         return
-    if exchange_dirs(tmp, target):
-        old = tmp  # now holds the previous content
-    else:
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)  # brief window without a folder, never a half one
-        tmp.rename(target)
     try:
         _fault("after-swap")
     finally:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from training.config import ConfigError, FinetuneConfig
-from training.export import exchange_dirs
+from training.export import replace_dir
 from training.sampler import EpochShuffleSampler
 from training.tasks.base import TaskBundle
 
@@ -120,19 +120,10 @@ def resolve_resume(config: FinetuneConfig) -> Path | None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`, replacing what was there (in one atomic exchange
-    where the OS has renameat2, so a kill at any moment leaves the old or the new folder)."""
-    if final.exists() and exchange_dirs(tmp, final):
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous content
-        return
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
+    """Move the complete folder `tmp` to `final`, replacing what was there."""
+    old = replace_dir(tmp, final)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def save_checkpoint(accelerator: Accelerator, config: FinetuneConfig, state: TrainerState) -> None:
