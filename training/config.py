@@ -98,6 +98,8 @@ class FinetuneConfig:
     """Classification: batch texts of similar length together (less padding, faster)."""
     freeze: str = "none"
     """Image models: `none` (fine-tune all), `backbone` (train the head only) or `partial:N` (last N stages too)."""
+    channels_last: bool = True
+    """Image models with convolutions: keep weights and activations channels-last (faster on CPU and GPU)."""
 
     # --- optimisation ------------------------------------------------------------------
     per_device_train_batch_size: int = 16

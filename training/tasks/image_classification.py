@@ -120,6 +120,34 @@ def fix_batchnorm_momentum(model: torch.nn.Module) -> None:
             module.momentum = 0.1
 
 
+def use_channels_last(model: torch.nn.Module) -> bool:
+    """Store a convolutional network's weights channels-last (NHWC): PyTorch's oneDNN (CPU) and
+    cuDNN kernels are faster in that layout, 2x for MobileNetV2 training on this CPU
+    (benchmarks/README). Outputs and saved weights are unchanged: save_pretrained writes
+    contiguous tensors. Returns whether the model had convolutions to convert."""
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+# On a CPU a convolutional network runs faster per image in small forward passes (the
+# activations of 64 images at 224 px leave the caches): MobileNetV2 channels-last, 4 images
+# ~215 images/s vs 64 images ~58. Evaluation results do not depend on the split (eval mode).
+CPU_EVAL_IMAGES_PER_FORWARD = 4
+
+
+def image_eval_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """classification_eval_step, a few images per forward on a CPU."""
+    pixels = batch["pixel_values"]
+    if pixels.device.type != "cpu" or len(pixels) <= CPU_EVAL_IMAGES_PER_FORWARD:
+        return classification_eval_step(model, batch)
+    step = CPU_EVAL_IMAGES_PER_FORWARD
+    parts = [classification_eval_step(model, {"pixel_values": pixels[i:i + step], "labels": batch["labels"][i:i + step]})
+             for i in range(0, len(pixels), step)]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def frozen_batchnorm_to_eval(model: torch.nn.Module) -> None:
     """Frozen batch-norm layers keep their pretrained running statistics."""
     for module in model.modules():
@@ -145,6 +173,8 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
     )
     fix_batchnorm_momentum(model)
     apply_freeze(model, config.freeze)
+    if config.channels_last:
+        use_channels_last(model)
     train_transform = TrainTransform(processor)
     label_col = config.label_column
 
@@ -175,7 +205,7 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
         eval_dataset=splits["validation"],
         test_dataset=splits.get("test"),
         collate_fn=collate,
-        eval_step=classification_eval_step,
+        eval_step=image_eval_step,
         compute_metrics=classification_metrics_fn(len(labels.names)),
         main_metric="accuracy",
         greater_is_better=True,
