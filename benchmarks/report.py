@@ -75,8 +75,16 @@ def training(data: dict) -> str:
             r = s[key]
             rows.append([label, f"{r['train_samples_per_second']:.1f}", f"{r['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
                          f"{r['train_tokens_per_second']:.0f}", f"{100 * r['eval_accuracy']:.1f}", f"{r['peak_rss_mb']:.0f}"])
-    return "\n".join([hw_line(data), "", table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)",
-                                                  "peak RSS (MB)"], rows)])
+    out = [hw_line(data), "", f"{data['steps']} steps x batch 32, median of {data['repeats']}:", "",
+           table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows)]
+    if "accuracy_run" in data:
+        run = data["accuracy_run"]
+        out += ["", f"One epoch ({run['steps']} steps), one run each:", "", table(["run", "examples/s", "vs baseline", "accuracy (%)"], [
+            [label, f"{run[key]['train_samples_per_second']:.1f}",
+             f"{run[key]['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
+             f"{100 * run[key]['eval_accuracy']:.1f}"] for key, label in (("baseline", "baseline"), ("ours", "ours"))]),
+            "", f"Accuracy difference: {run['accuracy_difference_pt']:+.1f} pt (target: within 0.5)."]
+    return "\n".join(out)
 
 
 def quality(data: dict) -> str:
@@ -100,10 +108,16 @@ def quality(data: dict) -> str:
     if "fashion_mnist" in data:
         fm = data["fashion_mnist"]
         trains = {"backbone": "head only", "partial:4": "head + last 4 blocks", "none": "everything"}
+        from benchmarks.quality import transfer_gaps
+
         out += [f"Fashion-MNIST, MobileNetV2: accuracy on the first {fm['test_examples']} test images", "",
-                table(["train images", "weights", "trains", "accuracy (%)"],
-                      [[r["train_images"], "ImageNet" if r["init"] == "imagenet" else "random init", trains[r["freeze"]],
-                        f"{100 * r['test_accuracy']:.1f}"] for r in fm["runs"]])]
+                table(["train images", "epochs", "weights", "trains", "accuracy (%)"],
+                      [[r["train_images"], r.get("epochs", "-"), "ImageNet" if r["init"] == "imagenet" else "random init",
+                        trains.get(r["freeze"], r["freeze"]), f"{100 * r['test_accuracy']:.1f}"] for r in fm["runs"]])]
+        gaps = transfer_gaps(fm["runs"])
+        if gaps:
+            out += ["", "ImageNet weights minus random init: " + "; ".join(
+                f"{n} images, {trains.get(freeze, freeze)}: {gap:+.1f} pt" for n, freeze, gap in gaps) + "."]
     return "\n".join(out)
 
 
