@@ -1,0 +1,75 @@
+"""Every error the API answers: `{"error": message, "error_type": kind}` with a 4xx/5xx status,
+never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batching import InferenceFailed
+from .pipelines import InputError
+
+log = logging.getLogger("service")
+
+
+class ApiError(Exception):
+    """Becomes `{"error", "error_type"}` with `status`."""
+
+    def __init__(self, status: int, message: str, error_type: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """Pydantic errors -> "parameters.top_k: Input should be greater than or equal to 1; ..."."""
+    parts = []
+    for err in errors[:5]:
+        # drop "body" and the union-member tags pydantic adds ("str", "list[str]", "function-after[...]")
+        loc = ".".join(str(p) for p in err.get("loc", ())
+                       if p != "body" and not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))) or "body"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def job_error(exc: Exception) -> ApiError | None:
+    """The API error for what a model worker raised: bad input (422) or a failing model (500)."""
+    if isinstance(exc, InputError):
+        return ApiError(422, f"{exc.field}: {exc}", "validation")
+    if isinstance(exc, InferenceFailed):
+        return ApiError(500, f"the model failed on this input (error id {exc.error_id})", "inference")
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map our errors, FastAPI's validation errors, HTTP errors and anything unexpected to the common shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, describe_validation(exc.errors()), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error (error id {error_id})", "internal")

@@ -1,0 +1,109 @@
+"""What the OpenAPI document says beyond what FastAPI infers: the per-task request bodies and
+responses of POST /models/{name}, and our common error shape for every error status."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from . import schemas
+
+
+def ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+ERROR = {"model": schemas.ErrorResponse}
+RETRY = {"headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}}}
+# What every route may answer besides its own codes: 401 when an API key is set; POST bodies can be
+# too large (413) or too slow (408).
+AUTH = {401: {**ERROR, "description": "Missing or wrong API key (only when one is configured)"}}
+BODY = {408: {**ERROR, "description": "The body took longer than body_timeout_s"},
+        413: {**ERROR, "description": "The body is larger than max_request_bytes"}}
+
+READY_RESPONSES = {
+    200: {"content": {"application/json": {"schema": {
+        "type": "object", "required": ["status", "models"], "properties": {
+            "status": {"type": "string", "enum": ["ready"]},
+            "models": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "How many models have each status"}}}}}},
+    **AUTH, 503: {**ERROR, **RETRY, "description": "Models are still loading"},
+}
+
+INFERENCE_REQUEST = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [
+                ref(schemas.TextClassificationRequest), ref(schemas.TextGenerationRequest),
+                ref(schemas.ImageClassificationRequest),
+            ]}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "parameters": {"type": "string", "description": "JSON of the parameters"},
+                "top_k": {"type": "string"},
+                "function_to_apply": {"type": "string"},
+            }}},
+        },
+    }
+}
+
+_CLASSIFICATION = {"type": "array", "items": ref(schemas.ClassificationOutput)}
+INFERENCE_RESPONSES = {
+    200: {
+        "description": "text-classification: one list of labels per input; image-classification: one list of "
+                       "labels; text-generation: one generated text, or server-sent events with `stream`",
+        "content": {
+            "application/json": {"schema": {"anyOf": [
+                {"type": "array", "items": _CLASSIFICATION, "title": "TextClassificationOutput"},
+                {**_CLASSIFICATION, "title": "ImageClassificationOutput"},
+                {"type": "array", "items": ref(schemas.GenerationOutput), "title": "TextGenerationOutput"},
+            ]}},
+            "text/event-stream": {"schema": {
+                "type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                        "description": "JSON: {index, token, top_tokens, generated_text, "
+                                                       "details} as TGI's /generate_stream, or {error, error_type}"}},
+            }, "description": "One server-sent event per token"},
+        },
+    },
+    **AUTH, **BODY,
+    404: {**ERROR, "description": "No such model"},
+    415: {**ERROR, "description": "Not an image, or an image that does not decode"},
+    422: {**ERROR, "description": "The body does not fit the model's task (the message names the field)"},
+    429: {**ERROR, **RETRY, "description": "More than max_concurrent_requests in flight"},
+    500: {**ERROR, "description": "The model failed on this input; the error id is in the server log"},
+    503: {**ERROR, **RETRY, "description": "The model is loading, or its folder failed to load"},
+}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Generate the document once, with the request and response schemas of every task."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            models = [(m, "validation") for m in (schemas.TextClassificationRequest, schemas.TextGenerationRequest,
+                                                   schemas.ImageClassificationRequest)]
+            models += [(m, "serialization") for m in (schemas.ClassificationOutput, schemas.GenerationOutput)]
+            _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.get("$defs", {}))
+            # FastAPI documents its own 422 body; ours is the common {"error", "error_type"}.
+            for operations in spec["paths"].values():
+                for operation in operations.values():
+                    response = operation.get("responses", {}).get("422")
+                    if response and "HTTPValidationError" in json.dumps(response):
+                        response["content"] = {"application/json": {"schema": ref(schemas.ErrorResponse)}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
