@@ -130,6 +130,21 @@ def make_raw(task: str, folder: Path, inputs, gen_tokens: int, n_singles: int = 
         batches = [{"pixel_values": proc(images=images[i:i + MAX_BATCH], return_tensors="pt")["pixel_values"]}
                    for i in range(0, len(images), MAX_BATCH)]
         singles = [{"pixel_values": proc(images=[im], return_tensors="pt")["pixel_values"]} for im in images[:n_singles]]
+        # The same forward after the server's inference rewrites (batch norm folded, channels-last):
+        # ours' p50 minus this single forward is the server's own overhead.
+        import copy
+
+        from service.conv_inference import optimise_for_inference
+
+        optimised = copy.deepcopy(model)
+        optimise_for_inference(optimised)
+
+        def measure_images() -> dict:
+            out = _measure_forward(model, batches, singles)
+            fast = _measure_forward(optimised, batches[:1], singles)
+            return {**out, "optimised_single_forward_ms": fast["single_forward_ms"]}
+
+        return measure_images
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -449,6 +464,9 @@ def summarise(out: dict, levels: list[int], generation: bool) -> dict:
             "ours_p50_minus_raw_single_ms": median([o["p50_ms"] - r["single_forward_ms"] for r, o, _ in pairs]),
             "naive_p50_minus_raw_single_ms": median([n["p50_ms"] - r["single_forward_ms"] for r, _, n in pairs]),
         }
+        if all("optimised_single_forward_ms" in r for r, _, _ in pairs):
+            row["paired"]["ours_p50_minus_optimised_single_ms"] = median(
+                [o["p50_ms"] - r["optimised_single_forward_ms"] for r, o, _ in pairs])
     targets = {}
     if "32" in summary["levels"]:
         paired = summary["levels"]["32"]["paired"]
@@ -459,6 +477,8 @@ def summarise(out: dict, levels: list[int], generation: bool) -> dict:
     if "1" in summary["levels"]:
         targets["c1_p50_minus_raw_single_ms"] = summary["levels"]["1"]["paired"]["ours_p50_minus_raw_single_ms"]
         targets["c1_p50_met"] = targets["c1_p50_minus_raw_single_ms"] <= 5
+        if "ours_p50_minus_optimised_single_ms" in summary["levels"]["1"]["paired"]:
+            targets["c1_p50_minus_optimised_single_ms"] = summary["levels"]["1"]["paired"]["ours_p50_minus_optimised_single_ms"]
     summary["targets"] = targets
     return summary
 
@@ -496,7 +516,9 @@ def print_tables(results: dict) -> None:
         t = s["targets"]
         if t:
             print(f"targets: c32 ours/naive {t.get('c32_vs_naive', 0):.2f}x (>= 3), ours/raw {t.get('c32_vs_raw_batched', 0):.0%} "
-                  f"(>= 85 %), c1 p50 - raw single = {t.get('c1_p50_minus_raw_single_ms', 0):+.1f} ms (<= 5)")
+                  f"(>= 85 %), c1 p50 - raw single = {t.get('c1_p50_minus_raw_single_ms', 0):+.1f} ms (<= 5)"
+                  + (f"; minus the optimised single forward {t['c1_p50_minus_optimised_single_ms']:+.1f} ms"
+                     if "c1_p50_minus_optimised_single_ms" in t else ""))
 
 
 def plot(results: dict, path: Path) -> None:
