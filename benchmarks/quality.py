@@ -196,7 +196,15 @@ def fashion_subsets(n_train: int, n_val: int, n_test: int) -> tuple[Path, Path, 
 
 
 def random_mobilenet() -> Path:
-    """MobileNetV2 of the same architecture as the ImageNet folder, randomly initialised."""
+    """MobileNetV2 of the same architecture as the ImageNet folder, randomly initialised as
+    transformers initialises it (`from_config`: normal, std 0.02).
+
+    Frozen, such a backbone is degenerate: its batch norms hold their initial statistics (mean 0,
+    variance 1), so the pooled features shrink to ~1e-21 through 17 blocks and a head on top of
+    them learns nothing (chance accuracy). Kaiming-normal init (torchvision's) still gives ~1e-9.
+    The random-init rows that train the backbone (`none`, and `partial:N`, whose trained blocks
+    renormalise in training mode) are the meaningful baseline.
+    """
     import torch
     from transformers import AutoConfig, AutoImageProcessor, MobileNetV2ForImageClassification
 

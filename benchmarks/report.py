@@ -73,7 +73,8 @@ def training(data: dict) -> str:
     rows = []
     for key, label in (("baseline", "baseline: `run_glue_no_trainer`-style loop (pad to 128, random batches)"),
                        ("ours", "ours: `training/finetune.py`, 1 process"),
-                       ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)")):
+                       ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)"),
+                       ("ours_compiled", "ours + `torch.compile` (inductor, dynamic shapes; compilation included)")):
         if key in s:
             r = s[key]
             rows.append([label, f"{r['train_samples_per_second']:.1f}", f"{r['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",

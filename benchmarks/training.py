@@ -86,13 +86,18 @@ def baseline(args, files, rep: int) -> dict:
     return {**json.loads(line), "peak_rss_mb": peak}
 
 
-def ours(args, files, rep: int, processes: int = 1) -> dict:
-    out = WORK / "training" / f"ours-{processes}p-{rep}"
+# torch.compile through Accelerate's own switch (what `accelerate launch --dynamo_backend inductor`
+# sets); dynamic shapes, because every length-grouped batch has its own padded length.
+COMPILE_ENV = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_DYNAMIC": "true"}
+
+
+def ours(args, files, rep, processes: int = 1, compiled: bool = False) -> dict:
+    out = WORK / "training" / f"ours-{processes}p{'-compiled' if compiled else ''}-{rep}"
     flags = {**common_flags(args, *files, 32 // processes), "task": "text-classification", "text_column": "text",
              "label_column": "label", "output_dir": out, "overwrite_output_dir": "true"}
     if processes == 1:
         cmd = [python(), "training/finetune.py", *argv_of(flags)]
-        env = None
+        env = COMPILE_ENV if compiled else None
     else:
         accelerate = str(Path(python()).with_name("accelerate"))
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -135,12 +140,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = results["summary"]
-    names = ["baseline\n(pad 128, random)", "ours\n(1 process)"] + (["ours\n(2-process DDP)"] if "ours_ddp" in s else [])
-    keys = ["baseline", "ours"] + (["ours_ddp"] if "ours_ddp" in s else [])
+    extra = [(k, n) for k, n in (("ours_ddp", "ours\n(2-process DDP)"), ("ours_compiled", "ours +\ntorch.compile")) if k in s]
+    names = ["baseline\n(pad 128, random)", "ours\n(1 process)"] + [n for _, n in extra]
+    keys = ["baseline", "ours"] + [k for k, _ in extra]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (key, title) in zip(axes, (("train_samples_per_second", "examples/s"), ("eval_accuracy", "accuracy (RT held-out)"),
                                        ("peak_rss_mb", "peak RSS (MB)")), strict=True):
-        ax.bar(names, [s[k][key] for k in keys], color=["grey", "C0", "C2"][: len(keys)])
+        ax.bar(names, [s[k][key] for k in keys], color=["grey", "C0", "C2", "C3"][: len(keys)])
         ax.set_title(title)
     fig.suptitle(f"MiniLM on Rotten Tomatoes, {results['steps']} steps x batch 32, "
                  f"{results['hardware']['cpu']} ({results['hardware']['cores']} cores), median of {results['repeats']}",
@@ -155,17 +161,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ddp-repeats", type=int, default=1, help="2-process runs (0 skips the scaling part)")
+    parser.add_argument("--compile-repeats", type=int, default=1,
+                        help="runs of ours with torch.compile (inductor, dynamic shapes); 0 skips")
     parser.add_argument("--accuracy-steps", type=int, default=267,
                         help="one more run of each for accuracy, this many steps (267 = one epoch of RT; 0 skips)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.ddp_repeats, args.accuracy_steps = 2, 1, 0, 0
+        args.steps, args.repeats, args.ddp_repeats, args.accuracy_steps, args.compile_repeats = 2, 1, 0, 0, 0
     files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
 
     hw = hardware()
     print_hardware(hw)
     results: dict = {"hardware": hw, "quick": args.quick, "steps": args.steps, "batch_size": 32, "repeats": args.repeats,
-                     "runs": {"baseline": [], "ours": [], "ours_ddp": []}}
+                     "runs": {"baseline": [], "ours": [], "ours_ddp": [], "ours_compiled": []}}
     started = time.perf_counter()
     for rep in range(args.repeats):
         for kind, fn in (("baseline", baseline), ("ours", ours)):
@@ -178,6 +186,11 @@ def main(argv=None) -> int:
         results["runs"]["ours_ddp"].append(r)
         print(f"  rep {rep + 1} ours 2-process DDP: {r['train_samples_per_second']:.1f} ex/s, accuracy {r['eval_accuracy']:.4f}",
               flush=True)
+    for rep in range(args.compile_repeats):
+        r = ours(args, files, rep, compiled=True)
+        results["runs"]["ours_compiled"].append(r)
+        print(f"  rep {rep + 1} ours + torch.compile: {r['train_samples_per_second']:.1f} ex/s (compilation included), "
+              f"accuracy {r['eval_accuracy']:.4f}", flush=True)
     if args.accuracy_steps:
         # 40 steps is enough for speed but not for accuracy: neither loop has converged. One run of
         # each to the end of an epoch compares what the two loops learn.
@@ -194,6 +207,8 @@ def main(argv=None) -> int:
     summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
     summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / summary["baseline"]["train_samples_per_second"]
     summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - summary["baseline"]["eval_accuracy"])
+    if "ours_compiled" in summary:
+        summary["compile_speedup"] = summary["ours_compiled"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     if "ours_ddp" in summary:
         summary["ddp_scaling"] = summary["ours_ddp"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     results["summary"] = summary
@@ -203,7 +218,8 @@ def main(argv=None) -> int:
     b = summary["baseline"]
     rows = []
     for key, label in (("baseline", "baseline: run_glue_no_trainer-style (pad to 128, random batches)"),
-                       ("ours", "ours: training/finetune.py, 1 process"), ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)")):
+                       ("ours", "ours: training/finetune.py, 1 process"), ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)"),
+                       ("ours_compiled", "ours + torch.compile (inductor, compilation included)")):
         if key in summary:
             s = summary[key]
             rows.append([label, s["train_samples_per_second"], f"{s['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
