@@ -286,15 +286,25 @@ def plot(results: dict, path: Path) -> None:
         axes[1].bar(names, [100 * v for v in values], color=["grey", "grey", "C0"])
         axes[1].set_title(f"IMDB: {im['train_examples']} train -> {im['test_examples']} test")
     if "fashion_mnist" in results:
-        runs = results["fashion_mnist"]["runs"]
-        labels = [f"{r['init']}\n{r['freeze']}\n{r['train_images']}" for r in runs]
-        axes[2].bar(labels, [100 * r["test_accuracy"] for r in runs],
-                    color=["C1" if r["init"] == "random" else "C0" for r in runs])
-        axes[2].set_title("Fashion-MNIST MobileNetV2 (test subset)")
-        axes[2].tick_params(axis="x", labelsize=7)
+        fm = results["fashion_mnist"]
+        short = {"backbone": "head", "partial:4": "head+4 blocks", "none": "all"}
+        groups = list(dict.fromkeys((r["train_images"], r["freeze"]) for r in fm["runs"]))
+        acc = {(r["train_images"], r["freeze"], r["init"]): 100 * r["test_accuracy"] for r in fm["runs"]}
+        for offset, (init, color, name) in enumerate((("imagenet", "C0", "ImageNet weights"), ("random", "C1", "random init"))):
+            xs = [g for g, key in enumerate(groups) if (*key, init) in acc]
+            axes[2].bar([x + (offset - 0.5) * 0.4 for x in xs], [acc[(*groups[x], init)] for x in xs], width=0.4,
+                        color=color, label=name)
+        axes[2].set_xticks(range(len(groups)), [f"{n // 1000}k imgs\n{short.get(f, f)}" for n, f in groups])
+        axes[2].set_title(f"Fashion-MNIST, MobileNetV2 ({fm['test_examples']} test images)")
+        axes[2].legend(loc="upper center", ncol=2, fontsize=8)
+        axes[2].tick_params(axis="x", labelsize=8)
     for ax in axes:
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 108)
+        for bar in ax.patches:
+            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    for ax in axes[:2]:
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
