@@ -22,7 +22,7 @@ def load(name: str) -> dict | None:
 def hw_line(data: dict) -> str:
     hw = data["hardware"]
     return (f"_{hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB, {hw['gpu'] or 'no GPU'}, torch {hw['torch']}; "
-            f"{hw['date']}; median of {data.get('repeats', 1)}._")
+            f"{hw['date']}; " + (f"median of {data['repeats']}._" if "repeats" in data else "one run each._"))
 
 
 def serving(data: dict) -> str:

@@ -103,7 +103,7 @@ def ours(args, files, rep, processes: int = 1, compiled: bool = False) -> dict:
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "training/finetune.py", *argv_of(flags)]
         env = {"ACCELERATE_USE_CPU": "true"}
-    peak = run_measured(cmd, WORK / "training" / f"ours-{processes}p-{rep}.log", env)
+    peak = run_measured(cmd, out.with_name(out.name + ".log"), env)
     results = json.loads((out / "all_results.json").read_text())
     return {"train_runtime_s": results["train_runtime_s"], "train_samples_per_second": results["train_samples_per_second"],
             "train_tokens_per_second": results.get("train_tokens_per_second"), "steps": results["train_steps"],
