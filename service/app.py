@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from . import schemas
+from . import schemas, torch_thread
 from .body_limit import BodyLimit
 from .errors import ApiError, error_response, install_error_handlers, job_error
 from .images import decode_image
@@ -72,9 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
+            torch_thread.set_num_threads(settings.torch_threads)
         await registry.start()
         trimmer = asyncio.create_task(trim_periodically())
         try:

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import torch_thread
 from .pipelines import InputError
 
 log = logging.getLogger("service.batching")
@@ -163,7 +164,7 @@ class ModelWorker:
             job.started = start
         self._gauge()
         try:
-            results = self.runner.run_batch([j.prepared for j in batch], [j.params for j in batch])
+            results = torch_thread.run(self.runner.run_batch, [j.prepared for j in batch], [j.params for j in batch])
             error = None
         except Exception as exc:
             results, error = [None] * len(batch), self._failure(exc)
@@ -183,7 +184,7 @@ class ModelWorker:
         job.started = time.perf_counter()
         self._gauge()
         try:
-            result = self.runner.generate(job.payload, job.params, job.emit, job.cancel.is_set)
+            result = torch_thread.run(self.runner.generate, job.payload, job.params, job.emit, job.cancel.is_set)
         except InputError as exc:
             result = exc
         except Exception as exc:

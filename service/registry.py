@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from . import torch_thread
 from .batching import ModelWorker
 from .pipelines import ImageClassificationRunner, TextClassificationRunner, TextGenerationRunner
 
@@ -447,7 +448,7 @@ class Registry:
     async def _load(self, name, path, sig, info, old: Entry | None) -> bool:
         started = time.perf_counter()
         try:
-            runner = await asyncio.to_thread(load_runner, path, info, self.settings)
+            runner = await torch_thread.run_async(load_runner, path, info, self.settings)
         except InvalidFolder as exc:
             self._reject(name, path, sig, old, str(exc))
             return False

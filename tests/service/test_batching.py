@@ -149,3 +149,40 @@ def test_batchnorm_folding_only_touches_conv_norm_blocks(pristine_models):
     assert fold_batchnorm(training) == 0
     text = AutoModelForSequenceClassification.from_pretrained(pristine_models / "sentiment").eval()
     assert optimise_for_inference(text) is False
+
+
+def test_all_torch_work_runs_on_one_thread(pristine_models):
+    """Loading and the forward passes of every model run on the single torch thread (two OpenMP
+    teams alive at once halve CPU speed), while each model keeps its own batching thread."""
+    import threading
+
+    from service import torch_thread
+
+    seen: dict[str, set[str]] = {}
+
+    def recorder(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    workers = [_worker(pristine_models / "topics"), _worker(pristine_models / "writer")]
+    workers[0].runner.run_batch = recorder("topics", workers[0].runner.run_batch)
+    workers[1].runner.generate = recorder("writer", workers[1].runner.generate)
+
+    async def scenario():
+        from service.schemas import GenerationParameters
+
+        jobs = [workers[0].submit([t], ClassificationParameters()) for t in TEXTS[:3]]
+        jobs.append(workers[1].submit("Hello", GenerationParameters(max_new_tokens=2)))
+        return await asyncio.gather(*(j.future for j in jobs))
+
+    results = asyncio.run(scenario())
+    assert len(results) == 4 and results[0][0][0]["label"] in {"sports", "politics", "science"}
+    names = seen["topics"] | seen["writer"]
+    assert len(names) == 1 and next(iter(names)).startswith("torch")
+    assert {w._thread.name for w in workers} == {"model-t"}  # batching stays on the workers' threads
+    assert torch_thread.run(torch_thread.on_torch_thread) is True and not torch_thread.on_torch_thread()
+    for worker in workers:
+        worker.close()
+        worker.join(5)
