@@ -248,9 +248,10 @@ class ImageClassificationRunner(ClassifierMixin):
         image = image.convert("RGB")
         return [self.fast(image) if self.fast is not None else image], 1
 
-    # On a CPU, convolutional networks run *slower per image* in large batches (the activations
-    # of 32 images at 224 px leave the caches): measured here (channels-last), MobileNetV2 216
-    # images/s 4 at a time, 124 one at a time, 59 at 32; ResNet-50 37, 30, ~30. So on a CPU a
+    # On a CPU, convolutional networks run *slower per image* in large batches: measured here
+    # (channels-last), MobileNetV2 216 images/s 4 at a time, 124 one at a time, 59 at 32; ResNet-50
+    # 37, 30, ~30. The cause is glibc's allocator (a large batch's activations are fresh mmaps,
+    # page-faulted in on every pass; docs/performance.md), not the caches. So on a CPU a
     # micro-batch runs through the model this many images at a time; on a GPU in one go.
     CPU_IMAGES_PER_FORWARD = 4
 

@@ -123,7 +123,7 @@ def fix_batchnorm_momentum(model: torch.nn.Module) -> None:
 def use_channels_last(model: torch.nn.Module) -> bool:
     """Store a convolutional network's weights channels-last (NHWC): PyTorch's oneDNN (CPU) and
     cuDNN kernels are faster in that layout, 2x for MobileNetV2 training on this CPU
-    (benchmarks/README). Outputs and saved weights are unchanged: save_pretrained writes
+    (docs/performance.md). Outputs and saved weights are unchanged: save_pretrained writes
     contiguous tensors. Returns whether the model had convolutions to convert."""
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         return False
@@ -131,9 +131,9 @@ def use_channels_last(model: torch.nn.Module) -> bool:
     return True
 
 
-# On a CPU a convolutional network runs faster per image in small forward passes (the
-# activations of 64 images at 224 px leave the caches): MobileNetV2 channels-last, 4 images
-# ~215 images/s vs 64 images ~58. Evaluation results do not depend on the split (eval mode).
+# On a CPU a convolutional network runs faster per image in small forward passes (glibc
+# page-faults a large batch's activations in again on every pass): MobileNetV2 channels-last,
+# 4 images ~215 images/s vs 64 images ~58. Evaluation results do not depend on the split.
 CPU_EVAL_IMAGES_PER_FORWARD = 4
 
 
