@@ -5,8 +5,9 @@ already queued behind it (up to `max_batch_size` inputs / `max_batch_tokens` pad
 them in one forward pass at once: a lone request never waits, and under load the next batch forms
 while the current forward pass runs. Only when the previous pass held more jobs than have arrived
 (their clients are about to send again) does it wait for more, `max_batch_wait_ms` at most.
-Everything heavy (tokenising, decoding images, the forward pass, generation) happens on this
-thread, so the event loop only moves bytes and one model never waits for another. Results go back to the loop with `call_soon_threadsafe`.
+Tokenising and image preprocessing happen on this thread; the forward pass and generation are
+handed to the one torch thread shared by all models (service/torch_thread.py), so the event loop
+only moves bytes. Results go back to the loop with `call_soon_threadsafe`.
 
 The queue is unbounded here on purpose: the app refuses requests over `max_concurrent_requests`
 (429) before they reach it, which bounds every queue.

@@ -45,11 +45,6 @@ def _ranked(scores: list[float], id2label: dict, top_k: int | None) -> list[dict
     return [{"label": str(id2label.get(i, f"LABEL_{i}")), "score": scores[i]} for i in order]
 
 
-def _postprocess(logits: torch.Tensor, id2label: dict, function: str, top_k: int | None) -> list[dict]:
-    """One row of logits -> [{"label", "score"}] sorted by score, best first."""
-    return _ranked(_scores(logits, function).tolist(), id2label, top_k)
-
-
 class ClassifierMixin:
     def __init__(self, model):
         self.model = model
@@ -61,9 +56,6 @@ class ClassifierMixin:
     @property
     def labels(self) -> list[str]:
         return [self.id2label[i] for i in sorted(self.id2label)]
-
-    def finish(self, logits: torch.Tensor, params) -> list[dict]:
-        return _postprocess(logits, self.id2label, params.function_to_apply or self.default_function, params.top_k)
 
     def finish_rows(self, logits: torch.Tensor, params: list) -> list[list[dict]]:
         """Every row of a batch's logits at once: one softmax/sigmoid per function used, one

@@ -210,8 +210,8 @@ def inspect_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
 
 
 def load_runner(path: Path, info: FolderInfo, settings):
-    """Load weights and processor (blocking: call it from a thread). safetensors only (pickle only with
-    allow_pickle), never remote code.
+    """Load weights and processor (blocking: call it on the torch thread, service/torch_thread.py).
+    safetensors only (pickle only with allow_pickle), never remote code.
 
     The weights are read into memory (`disable_mmap`): a memory-mapped file that someone overwrites in
     place (`cp new/model.safetensors models/x/`) would kill the whole server with SIGBUS on the next
