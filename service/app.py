@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from . import schemas, torch_thread
 from .body_limit import BodyLimit
 from .errors import ApiError, error_response, install_error_handlers, job_error
-from .images import decode_image
+from .images import decode_image, image_budget
 from .memory import limit_arenas, trim_periodically
 from .metrics import Metrics
 from .openapi_doc import (
@@ -228,12 +228,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "x-model-name": name,
         }
 
+    def check_request_chars(texts: list[str]) -> None:
+        """Bound the tokenizing one request can cost (each input is cut to max_input_chars first)."""
+        total = sum(min(len(t), settings.max_input_chars) for t in texts)
+        if total > settings.max_request_chars:
+            raise ApiError(413, f"inputs: {total} characters in this request after cutting each input to "
+                                f"max_input_chars ({settings.max_input_chars}); at most max_request_chars "
+                                f"({settings.max_request_chars}) per request", "payload_too_large")
+
     async def classify_text(entry, request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, schemas.TextClassificationRequest)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         if len(texts) > settings.max_batch_size:
             raise ApiError(422, f"inputs: at most {settings.max_batch_size} texts per request (max_batch_size)", "validation")
+        check_request_chars(texts)
         result, job = await run_job(entry, texts, body.parameters, size=len(texts))
         # Always one list per input, also for a single string: the Inference API's shape, and what
         # InferenceClient.text_classification parses (it takes element [0]).
@@ -242,7 +251,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def classify_image(entry, request: Request) -> Response:
         started = time.perf_counter()
         raw, params = await read_image_request(request)
-        image = await asyncio.to_thread(decode_image, raw, settings.max_image_pixels)
+        budget = image_budget(entry.runner.processor, settings.max_image_memory_mb * 2**20)
+        image = await asyncio.to_thread(decode_image, raw, settings.max_image_pixels, budget)
         result, job = await run_job(entry, image, params)
         return JSONResponse(result, headers=timing_headers(job, started, entry.name))
 
@@ -252,6 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         p = body.parameters
         if p.max_new_tokens is not None and p.max_new_tokens > settings.max_new_tokens:
             raise ApiError(422, f"parameters.max_new_tokens: at most {settings.max_new_tokens} on this server", "validation")
+        check_request_chars([body.inputs])
         if body.stream:
             return await stream_generation(entry, body, finish, metrics)
         result, job = await run_job(entry, body.inputs, p)

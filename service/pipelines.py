@@ -70,9 +70,10 @@ class TextClassificationRunner(ClassifierMixin):
     task = "text-classification"
     batchable = True
 
-    def __init__(self, model, tokenizer, max_input_length: int):
+    def __init__(self, model, tokenizer, max_input_length: int, max_input_chars: int):
         super().__init__(model)
         self.tokenizer = tokenizer
+        self.max_input_chars = max_input_chars
         model_max = getattr(tokenizer, "model_max_length", None) or max_input_length
         positions = getattr(model.config, "max_position_embeddings", None) or model_max
         self.max_length = int(min(model_max, positions, max_input_length))
@@ -87,6 +88,12 @@ class TextClassificationRunner(ClassifierMixin):
         texts, params = payload
         encodings = []
         for i, text in enumerate(texts):
+            if len(text) > self.max_input_chars:
+                # Tokenizing costs about a second per megabyte of text, truncated or not: cut first.
+                if not params.truncate:
+                    raise InputError(f"input {i} has {len(text)} characters, more than max_input_chars "
+                                     f"({self.max_input_chars}) (send parameters.truncate=true to cut it)", "inputs")
+                text = text[:self.max_input_chars]
             enc = self.tokenizer(text, truncation=params.truncate, max_length=self.max_length)
             if len(enc["input_ids"]) > self.max_length:
                 raise InputError(
@@ -360,8 +367,9 @@ class TextGenerationRunner:
     task = "text-generation"
     batchable = False
 
-    def __init__(self, model, tokenizer, max_input_length: int, max_new_tokens_cap: int):
+    def __init__(self, model, tokenizer, max_input_length: int, max_new_tokens_cap: int, max_input_chars: int):
         self.model = model
+        self.max_input_chars = max_input_chars
         self.tokenizer = tokenizer
         self.max_new_tokens_cap = max_new_tokens_cap
         positions = (
@@ -384,7 +392,9 @@ class TextGenerationRunner:
         return None
 
     def generate(self, prompt: str, p, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> GenerationResult:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        # Only the end of the prompt is kept (below), so only its end is tokenized: a megabyte of text
+        # would otherwise cost about a second of CPU.
+        ids = self.tokenizer(prompt[-self.max_input_chars:], add_special_tokens=True)["input_ids"]
         if not ids:
             raise InputError("the prompt has no tokens", "inputs")
         keep = min(p.truncate or self.max_input_length, self.max_input_length, self.context - 1)

@@ -257,9 +257,10 @@ def load_runner(path: Path, info: FolderInfo, settings):
     _smoke_test(model, processor, info.task)
     try:
         if info.task == "text-classification":
-            return TextClassificationRunner(model, processor, settings.max_input_length)
+            return TextClassificationRunner(model, processor, settings.max_input_length, settings.max_input_chars)
         if info.task == "text-generation":
-            return TextGenerationRunner(model, processor, settings.max_input_length, settings.max_new_tokens)
+            return TextGenerationRunner(model, processor, settings.max_input_length, settings.max_new_tokens,
+                                        settings.max_input_chars)
         return ImageClassificationRunner(model, processor)
     except ValueError as exc:
         raise InvalidFolder(str(exc)) from None

@@ -111,3 +111,38 @@ def build_tiny_resnet(out: Path, labels: list[str] | None = None, seed: int = 0)
     ResNetForImageClassification(config).save_pretrained(out)
     ConvNextImageProcessorPil(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(out)
     return out
+
+
+def build_tiny_vit(out: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """A 1-layer ViT (hidden 32, 8x8 patches) at 32x32 input: a processor that warps to a fixed size."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, **_labels_kwargs(labels or [f"class_{i}" for i in range(3)]))
+    ViTForImageClassification(config).save_pretrained(out)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def build_tiny_convnext(out: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """A 2-stage ConvNeXt (widths 8/16) with its crop_pct processor at 64x64."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], **_labels_kwargs(labels or [f"class_{i}" for i in range(3)]))
+    ConvNextForImageClassification(config).save_pretrained(out)
+    ConvNextImageProcessorPil(size={"shortest_edge": 64}).save_pretrained(out)
+    return out
+
+
+def build_tiny_efficientnet(out: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """An EfficientNet (width and depth x0.1) at 64x64 input with its fixed-size processor."""
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification, EfficientNetImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = EfficientNetConfig(image_size=64, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
+                                **_labels_kwargs(labels or [f"class_{i}" for i in range(3)]))
+    EfficientNetForImageClassification(config).save_pretrained(out)
+    EfficientNetImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(out)
+    return out

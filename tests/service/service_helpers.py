@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -141,3 +144,56 @@ def png_bytes(array=None, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m service` in a subprocess: a crash (SIGBUS, ...) fails the test instead of killing pytest."""
+
+    def __init__(self, models_dir: Path, *flags: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # not a pipe: a full pipe would block the server's logging
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(self.port),
+             "--log-level", "info", *flags],
+            cwd=REPO, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.output = ""
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.seek(0)
+        self.output = self.log.read().decode(errors="replace")
+        self.log.close()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The highest resident memory a process has reached (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")

@@ -16,63 +16,26 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import LiveServer, Settings, build_tiny_bert, make_models_dir, wait_ready
+from service_helpers import (
+    LiveServer,
+    ServerProcess,
+    Settings,
+    build_tiny_bert,
+    make_models_dir,
+    wait_ready,
+)
 from test_reload import Hammer, swap_in, wait_for
+
+from tests.scores import assert_scores_close, scores_close
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m service` in a subprocess: a crash (SIGBUS, ...) fails the test instead of killing pytest."""
-
-    def __init__(self, models_dir: Path, *flags: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # not a pipe: a full pipe would block the server's logging
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(self.port),
-             "--log-level", "info", *flags],
-            cwd=REPO, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
-        self.output = ""
-
-    def __enter__(self) -> ServerProcess:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.seek(0)
-        self.output = self.log.read().decode(errors="replace")
-        self.log.close()
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
-
 
 class ScoreHammer(Hammer):
     """Like test_reload's Hammer, but remembers the scores too (same labels, different weights)."""
@@ -80,9 +43,7 @@ class ScoreHammer(Hammer):
     def run(self):
         while not self.stop.is_set():
             response = self.client.post(f"/models/{self.name}", json={"inputs": "steady traffic"})
-            scores = tuple(sorted((d["label"], round(d["score"], 6)) for d in response.json()[0])) \
-                if response.status_code == 200 else ()
-            self.results.append((response.status_code, scores))
+            self.results.append((response.status_code, response.json()[0] if response.status_code == 200 else []))
 
 
 def slow_overwrite(src: Path, dst: Path, chunk: int = 256 * 1024, pause: float = 0.05) -> None:
@@ -111,15 +72,17 @@ def test_weights_overwritten_in_place_while_serving(pristine_models, tmp_path):
         try:
             wait_for(lambda: len(hammer.results) > 5)
             slow_overwrite(new / "model.safetensors", models_dir / "topics" / "model.safetensors")
-            after = wait_for(lambda: (r := client.post("/models/topics", json={"inputs": "steady traffic"}).json()[0]) != before and r)
-            wait_for(lambda: len(hammer.results) > 5 and hammer.results[-1][1] == tuple(sorted((d["label"], round(d["score"], 6)) for d in after)))
+            after = wait_for(lambda: not scores_close(r := client.post("/models/topics", json={"inputs": "steady traffic"}).json()[0], before) and r)
+            wait_for(lambda: len(hammer.results) > 5 and scores_close(hammer.results[-1][1], after))
         finally:
             hammer.stop.set()
             hammer.join(30)
         assert server.proc.poll() is None  # still alive (was: SIGBUS, the whole server gone)
         assert client.get("/health").status_code == 200
     assert {status for status, _ in hammer.results} == {200}
-    assert len({scores for _, scores in hammer.results}) == 2  # old model, then new model: nothing in between
+    # old model, then new model: nothing in between
+    assert all(scores_close(row, before) or scores_close(row, after) for _, row in hammer.results)
+    assert any(scores_close(row, before) for _, row in hammer.results)
 
 
 def test_folder_deleted_and_copied_back_non_atomically_under_load(pristine_models, tmp_path):
@@ -174,7 +137,7 @@ def test_corrupt_tensor_bytes_keep_the_old_model(pristine_models, tmp_path):
         assert summary["failed"] == ["sentiment"]
         info = client.get("/models/sentiment").json()
         assert info["status"] == "ready" and "NaN" in info["error"]
-        assert client.post("/models/sentiment", json={"inputs": "x"}).json() == before
+        assert_scores_close(client.post("/models/sentiment", json={"inputs": "x"}).json(), before)
         # as a new folder it is listed as failed with the reason, and its requests are 503s
         shutil.copytree(broken, models_dir / "nan-model")
         client.post("/admin/reload")

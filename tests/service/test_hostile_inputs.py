@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 from service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
+from tests.scores import assert_scores_close
+
 
 @pytest.fixture(autouse=True)
 def still_serving(http):
@@ -122,10 +124,25 @@ def test_empty_and_one_megabyte_strings(http):
     big = "lorem ipsum " * ((1 << 20) // 12)  # 1 MB
     long = http.post("/models/sentiment", json={"inputs": big})
     assert long.status_code == 200 and len(long.json()[0]) == 2  # truncated to the model's length
-    assert "tokens" in error(http.post("/models/sentiment", json={"inputs": big, "parameters": {"truncate": False}}), 422)
+    # cut to max_input_chars before tokenizing: the same answer as the text's first 512 tokens
+    assert_scores_close(long.json(), http.post("/models/sentiment", json={"inputs": big[:4000]}).json())
+    refused = error(http.post("/models/sentiment", json={"inputs": big, "parameters": {"truncate": False}}), 422)
+    assert "max_input_chars" in refused and "truncate" in refused
+    over_limit = "lorem ipsum " * 300  # 3,600 characters, still far more than the tiny model's 128 tokens
+    assert "tokens" in error(http.post("/models/sentiment", json={"inputs": over_limit, "parameters": {"truncate": False}}), 422)
     prompt = http.post("/models/writer", json={"inputs": big, "parameters": {"max_new_tokens": 2}})
     assert prompt.status_code == 200  # the end of the prompt is kept, as TGI does
     assert error(http.post("/models/mobilenet", json={"inputs": big}), 422, "validation")
+
+
+def test_request_text_is_bounded_before_tokenizing(http):
+    """32 strings of 300 kB: each is cut to max_input_chars (16,384), and their sum is still over
+    max_request_chars (262,144): refused before any tokenizing. Under the cap, the same texts pass."""
+    texts = ["lorem ipsum " * 25_000] * 32
+    message = error(http.post("/models/sentiment", json={"inputs": texts}), 413, "payload_too_large")
+    assert "max_request_chars" in message
+    fine = http.post("/models/sentiment", json={"inputs": texts[:8]})
+    assert fine.status_code == 200 and len(fine.json()) == 8
 
 
 # -- images ----------------------------------------------------------------------------------------------

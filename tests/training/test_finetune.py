@@ -240,7 +240,12 @@ def test_channels_last_layout_and_cpu_eval_chunks(tiny_mobilenet, caltech_folder
         whole = plain.eval_step(plain.model, {k: v for k, v in batch.items()})
         logits = plain.model(pixel_values=batch["pixel_values"]).logits
     assert chunked["preds"].shape == (11,) and torch.equal(chunked["labels"], batch["labels"])
-    assert torch.equal(chunked["preds"], logits.argmax(-1)) and torch.equal(whole["preds"], chunked["preds"])
+    # Predictions must agree wherever the top two logits are apart by more than float noise (the
+    # tiny random model is close to uniform; which of two tied classes wins depends on the kernels).
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert torch.equal(chunked["preds"][clear], logits.argmax(-1)[clear])
+    assert torch.equal(whole["preds"][clear], chunked["preds"][clear])
     assert torch.allclose(chunked["loss"], whole["loss"], atol=1e-5)
 
 
