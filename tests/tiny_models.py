@@ -138,7 +138,11 @@ def build_tiny_convnext(out: Path, labels: list[str] | None = None, seed: int = 
 
 def build_tiny_efficientnet(out: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
     """An EfficientNet (width and depth x0.1) at 64x64 input with its fixed-size processor."""
-    from transformers import EfficientNetConfig, EfficientNetForImageClassification, EfficientNetImageProcessorPil
+    from transformers import (
+        EfficientNetConfig,
+        EfficientNetForImageClassification,
+        EfficientNetImageProcessorPil,
+    )
 
     torch.manual_seed(seed)
     config = EfficientNetConfig(image_size=64, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
