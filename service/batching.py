@@ -1,7 +1,7 @@
 """Dynamic micro-batching: one worker thread per loaded model.
 
 Requests become `Job`s on the model's queue. The worker takes the first waiting job plus every job
-already queued behind it (up to `max_batch_size` inputs / `max_batch_tokens` padded tokens) and runs
+already queued behind it (up to `max_batch_requests` inputs / `max_batch_tokens` padded tokens) and runs
 them in one forward pass at once: a lone request never waits, and under load the next batch forms
 while the current forward pass runs. Only when the previous pass held more jobs than have arrived
 (their clients are about to send again) does it wait for more, `max_batch_wait_ms` at most.
@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import torch_thread
-from .pipelines import InputError
+from .errors import InferenceFailed, InputError
+from .metrics import Metrics
+from .settings import Settings
 
 log = logging.getLogger("service.batching")
 _STOP = object()
@@ -56,18 +58,10 @@ class Job:
         return max(self.finished - self.started, 0.0) * 1000
 
 
-class InferenceFailed(RuntimeError):
-    """The model raised; `error_id` is in the server log with the traceback."""
-
-    def __init__(self, error_id: str):
-        super().__init__(f"inference failed (error id {error_id})")
-        self.error_id = error_id
-
-
 class ModelWorker:
-    def __init__(self, name: str, runner, settings, metrics=None):
+    def __init__(self, name: str, runner, settings: Settings, metrics: Metrics):
         self.name, self.runner, self.metrics = name, runner, metrics
-        self.max_batch_size = settings.max_batch_size
+        self.max_batch_requests = settings.max_batch_requests
         self.max_batch_tokens = settings.max_batch_tokens
         self.wait_s = settings.max_batch_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
@@ -92,14 +86,9 @@ class ModelWorker:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
-
     # -- worker thread --------------------------------------------------------------------------
     def _gauge(self):
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+        self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
 
     def _loop(self) -> None:
         pending = None
@@ -117,7 +106,7 @@ class ModelWorker:
                 continue
             batch, inputs, longest = [job], job.size, job.cost
             deadline = None
-            while inputs < self.max_batch_size:
+            while inputs < self.max_batch_requests:
                 try:
                     nxt = self._queue.get_nowait()  # what is already waiting joins at once
                 except queue.Empty:
@@ -141,7 +130,7 @@ class ModelWorker:
                 if nxt.future.cancelled() or not self._prepare(nxt):
                     continue
                 padded = max(longest, nxt.cost) * (inputs + nxt.size)
-                if inputs + nxt.size > self.max_batch_size or padded > self.max_batch_tokens:
+                if inputs + nxt.size > self.max_batch_requests or padded > self.max_batch_tokens:
                     pending = nxt  # opens the next batch
                     break
                 batch.append(nxt)
@@ -173,9 +162,8 @@ class ModelWorker:
         self.batches += 1
         self._last_jobs = len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(self.name).observe(inputs)
-            self.metrics.forward_seconds.labels(self.name).observe(end - start)
+        self.metrics.batch_size.labels(self.name).observe(inputs)
+        self.metrics.forward_seconds.labels(self.name).observe(end - start)
         for job, result in zip(batch, results, strict=True):
             job.finished = end
             job.prepared = None
@@ -193,9 +181,8 @@ class ModelWorker:
         job.finished = time.perf_counter()
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(self.name).observe(1)
-            self.metrics.forward_seconds.labels(self.name).observe(job.finished - job.started)
+        self.metrics.batch_size.labels(self.name).observe(1)
+        self.metrics.forward_seconds.labels(self.name).observe(job.finished - job.started)
         self._resolve(job, result)
 
     def _failure(self, exc: BaseException) -> InferenceFailed:

@@ -11,10 +11,38 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import InferenceFailed
-from .pipelines import InputError
-
 log = logging.getLogger("service")
+
+
+class InputError(ValueError):
+    """The caller's input cannot be processed (becomes a 422 naming `field`)."""
+
+    def __init__(self, message: str, field: str = "inputs"):
+        super().__init__(message)
+        self.field = field
+
+
+class ModelNotFound(LookupError):
+    """No folder of that name is served (404)."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"Model {name!r} not found. Known models: {', '.join(known) or '(none)'}")
+
+
+class ModelUnavailable(RuntimeError):
+    """The model exists but cannot serve now: loading, or failed to load (503)."""
+
+    def __init__(self, message: str, loading: bool):
+        super().__init__(message)
+        self.loading = loading
+
+
+class InferenceFailed(RuntimeError):
+    """The model raised; `error_id` is in the server log with the traceback."""
+
+    def __init__(self, error_id: str):
+        super().__init__(f"inference failed (error id {error_id})")
+        self.error_id = error_id
 
 
 class ApiError(Exception):
@@ -43,7 +71,7 @@ def describe_validation(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def job_error(exc: Exception) -> ApiError | None:
+def job_error(exc: BaseException) -> ApiError | None:
     """The API error for what a model worker raised: bad input (422) or a failing model (500)."""
     if isinstance(exc, InputError):
         return ApiError(422, f"{exc.field}: {exc}", "validation")
@@ -52,12 +80,28 @@ def job_error(exc: Exception) -> ApiError | None:
     return None
 
 
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """Our own exceptions as the API error they become; None for anything else (a 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), "not_found")
+    if isinstance(exc, ModelUnavailable):
+        return ApiError(503, str(exc), "loading" if exc.loading else "unavailable", {"Retry-After": "2"})
+    if isinstance(exc, RequestValidationError):
+        return ApiError(422, describe_validation(exc.errors()), "validation")
+    return job_error(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map our errors, FastAPI's validation errors, HTTP errors and anything unexpected to the common shape."""
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+    async def _ours(request: Request, exc: Exception):
+        error = as_api_error(exc)
+        return error_response(error.status, error.message, error.error_type, error.headers)
+
+    for kind in (ApiError, ModelNotFound, ModelUnavailable):
+        app.add_exception_handler(kind, _ours)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

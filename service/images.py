@@ -1,14 +1,24 @@
-"""Image bytes -> one RGB PIL image, refusing anything that is not a plain picture of a sane size,
-and what an image will cost once a model's image processor has resized it (known from the header,
-before a pixel is decoded)."""
+"""Images in requests, for any image task: the three ways to send one (raw bytes, base64 in JSON,
+multipart), bytes -> one RGB PIL image (refusing anything that is not a plain picture of a sane
+size), and what an image will cost once a model's image processor has resized it (known from the
+header, before a pixel is decoded)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
 import warnings
 from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError
+from .request_parsing import URL_INPUT, read_json, validate
 
 # The formats people send to an image model (the JPEG opener also reads phones' multi-picture MPO
 # files). Never EPS or PDF: their PIL plugins run Ghostscript when it is installed.
@@ -80,6 +90,61 @@ def _to_rgb(image):
         gray = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     return image.convert("RGB")  # L, 1, P, LA, PA, RGBA, CMYK, YCbCr, LAB, HSV
+
+
+# -- the three ways to send an image: raw bytes, base64 in JSON, multipart upload ------------------
+
+async def read_image_request(request: Request, body_model: type[BaseModel], params_model: type[BaseModel]) -> tuple[bytes, Any]:
+    """(image bytes, parameters) from raw image bytes, JSON with base64 `inputs` (`body_model`, whose
+    `parameters` are `params_model`), or multipart with the parameters as fields."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    params = params_model()
+    if content_type == "application/json":
+        body = await read_json(request, body_model)
+        params = body.parameters
+        data = body.inputs
+        if URL_INPUT.match(data):  # never fetched: the server makes no outgoing requests
+            raise ApiError(422, "inputs: URLs are not fetched by this server; send the image itself "
+                                "(raw bytes, base64 in 'inputs', or a multipart upload)", "validation")
+        if data.startswith("data:"):
+            data = data.partition(",")[2]
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "inputs: not valid base64", "validation") from None
+    elif content_type == "multipart/form-data":
+        raw, params = await _read_multipart(request, params_model)
+    elif content_type in ("", "application/octet-stream") or content_type.startswith("image/"):
+        raw = await request.body()
+    else:
+        raise ApiError(415, f"unsupported content type {content_type!r}: send an image (image/*), "
+                            "JSON with base64 'inputs', or a multipart upload", "unsupported_media_type")
+    if not raw:
+        raise ApiError(422, "inputs: empty image", "validation")
+    return raw, params
+
+
+async def _read_multipart(request: Request, params_model: type[BaseModel]) -> tuple[bytes, Any]:
+    try:
+        form = await request.form(max_files=4, max_fields=16)
+    except StarletteHTTPException as exc:  # malformed multipart, too many parts
+        raise ApiError(422, f"multipart body: {exc.detail}", "validation") from None
+    files = [v for v in form.values() if hasattr(v, "read")]
+    if len(files) != 1:
+        raise ApiError(422, "multipart body: send exactly one file field (e.g. 'file')", "validation")
+    raw = await files[0].read()
+    fields: dict[str, Any] = {}
+    if "parameters" in form:
+        try:
+            fields = json.loads(str(form["parameters"]))
+        except (ValueError, RecursionError):
+            raise ApiError(422, "parameters: not valid JSON", "validation") from None
+        if not isinstance(fields, dict):
+            raise ApiError(422, "parameters: must be a JSON object", "validation")
+    for key in ("top_k", "function_to_apply"):
+        if key in form:
+            fields[key] = str(form[key])
+    return raw, validate(params_model, fields)
 
 
 # -- what a model's image processor makes of an image ----------------------------------------------

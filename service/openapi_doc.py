@@ -1,5 +1,6 @@
-"""What the OpenAPI document says beyond what FastAPI infers: the per-task request bodies and
-responses of POST /models/{name}, and our common error shape for every error status."""
+"""What the OpenAPI document says beyond what FastAPI infers: the request bodies and responses of
+POST /models/{name}, collected from every served task (service/tasks/), and our common error shape
+for every error status."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import schemas
+from .tasks import TASKS
 
 
 def ref(model: type[BaseModel]) -> dict:
@@ -34,53 +36,33 @@ READY_RESPONSES = {
     **AUTH, 503: {**ERROR, **RETRY, "description": "Models are still loading"},
 }
 
-INFERENCE_REQUEST = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"oneOf": [
-                ref(schemas.TextClassificationRequest), ref(schemas.TextGenerationRequest),
-                ref(schemas.ImageClassificationRequest),
-            ]}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"},
-                "parameters": {"type": "string", "description": "JSON of the parameters"},
-                "top_k": {"type": "string"},
-                "function_to_apply": {"type": "string"},
-            }}},
-        },
-    }
-}
+def _inference_request() -> dict:
+    content: dict = {"application/json": {"schema": {"oneOf": [ref(m) for t in TASKS.values() for m in t.json_requests]}}}
+    for task in TASKS.values():
+        content.update(task.other_request_content)
+    return {"requestBody": {"required": True, "content": content}}
 
-_CLASSIFICATION = {"type": "array", "items": ref(schemas.ClassificationOutput)}
-INFERENCE_RESPONSES = {
-    200: {
-        "description": "text-classification: one list of labels per input; image-classification: one list of "
-                       "labels; text-generation: one generated text, or server-sent events with `stream`",
-        "content": {
-            "application/json": {"schema": {"anyOf": [
-                {"type": "array", "items": _CLASSIFICATION, "title": "TextClassificationOutput"},
-                {**_CLASSIFICATION, "title": "ImageClassificationOutput"},
-                {"type": "array", "items": ref(schemas.GenerationOutput), "title": "TextGenerationOutput"},
-            ]}},
-            "text/event-stream": {"schema": {
-                "type": "object", "required": ["data"],
-                "properties": {"data": {"type": "string", "contentMediaType": "application/json",
-                                        "description": "JSON: {index, token, top_tokens, generated_text, "
-                                                       "details} as TGI's /generate_stream, or {error, error_type}"}},
-            }, "description": "One server-sent event per token"},
-        },
-    },
-    **AUTH, **BODY,
-    404: {**ERROR, "description": "No such model"},
-    415: {**ERROR, "description": "Not an image, or an image that does not decode"},
-    422: {**ERROR, "description": "The body does not fit the model's task (the message names the field)"},
-    429: {**ERROR, **RETRY, "description": "More than max_concurrent_requests in flight"},
-    500: {**ERROR, "description": "The model failed on this input; the error id is in the server log"},
-    503: {**ERROR, **RETRY, "description": "The model is loading, or its folder failed to load"},
-}
+
+def _inference_responses() -> dict:
+    content: dict = {"application/json": {"schema": {"anyOf": [t.response_schema for t in TASKS.values()]}}}
+    for task in TASKS.values():
+        content.update(task.stream_content)
+    return {
+        200: {"description": "; ".join(t.response_description for t in TASKS.values()), "content": content},
+        **AUTH, **BODY,
+        404: {**ERROR, "description": "No such model"},
+        413: {**ERROR, "description": "The body is larger than max_request_bytes, or its text or image would cost more "
+                                      "than max_request_chars / max_image_memory_mb"},
+        415: {**ERROR, "description": "Not an image, or an image that does not decode"},
+        422: {**ERROR, "description": "The body does not fit the model's task (the message names the field)"},
+        429: {**ERROR, **RETRY, "description": "More than max_concurrent_requests in flight"},
+        500: {**ERROR, "description": "The model failed on this input; the error id is in the server log"},
+        503: {**ERROR, **RETRY, "description": "The model is loading, or its folder failed to load"},
+    }
+
+
+INFERENCE_REQUEST = _inference_request()
+INFERENCE_RESPONSES = _inference_responses()
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -89,9 +71,8 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            models = [(m, "validation") for m in (schemas.TextClassificationRequest, schemas.TextGenerationRequest,
-                                                   schemas.ImageClassificationRequest)]
-            models += [(m, "serialization") for m in (schemas.ClassificationOutput, schemas.GenerationOutput)]
+            models = [(m, "validation") for t in TASKS.values() for m in t.json_requests]
+            models += [(m, "serialization") for m in dict.fromkeys(m for t in TASKS.values() for m in t.response_models)]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
             components = spec.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs.get("$defs", {}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 inside a container).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     api_key: SecretStr | None = Field(None, description="When set, every route except /health, the playground page / and the API docs (/docs, /redoc, /openapi.json: static pages that hold no model or request data) requires `Authorization: Bearer <key>`, compared in constant time.")
-    max_batch_size: int = Field(32, ge=1, description="Most inputs in one forward pass; also the most inputs one request may send.")
+    max_client_batch_size: int = Field(32, ge=1, description="Most inputs one request may send (422 above).")
+    max_batch_requests: int = Field(32, ge=1, description="Most inputs in one forward pass (one micro-batch of the batcher).")
+    max_batch_size: int | None = Field(None, ge=1, description="Deprecated (kept for one release): sets both max_client_batch_size and max_batch_requests.")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="Upper bound (ms) on how long the batcher waits for more requests; a lone request runs at once, and batches form while the previous forward pass runs.")
     max_batch_tokens: int = Field(16384, ge=1, description="Most padded tokens (batch size x longest input) in one text forward pass.")
     max_concurrent_requests: int = Field(128, ge=1, description="Inference requests in flight at once; more are refused with 429 and Retry-After.")
@@ -60,6 +62,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _batch_size_alias(self):
+        # The old knob meant both limits; it still sets both, then stays None so nothing reads it.
+        if self.max_batch_size is not None:
+            self.max_client_batch_size = self.max_batch_requests = self.max_batch_size
+            self.max_batch_size = None
+        return self
 
     def resolved_device(self) -> str:
         import torch

@@ -1,0 +1,80 @@
+"""Loading a folder into a runner (blocking: call on the torch thread, service/torch_thread.py).
+
+The task decides the model class, processor and runner (service/tasks/); this module holds the rules
+every task loads by: safetensors only (pickle only with allow_pickle, and then with torch's
+weights_only unpickler), never remote code, nothing fetched, and a smoke test before serving.
+
+The weights are read into memory (`disable_mmap`): a memory-mapped file that someone overwrites in
+place (`cp new/model.safetensors models/x/`) would kill the whole server with SIGBUS on the next
+forward pass. A replaced or rewritten file is picked up by the next scan instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .folders import FolderInfo, InvalidFolder
+from .settings import Settings
+
+log = logging.getLogger("service.loading")
+
+
+def load_runner(path: Path, info: FolderInfo, settings: Settings) -> Any:
+    """The folder's task loads it; its smoke input must give finite outputs."""
+    from .tasks import TASKS
+
+    try:
+        runner = TASKS[info.task].load(path, settings)
+    except ValueError as exc:  # a runner that refuses its model (e.g. no pad token): the folder's fault
+        raise InvalidFolder(str(exc)) from None
+    smoke_test(runner)
+    return runner
+
+
+def load_model(model_cls, path: Path, settings: Settings, task: str,
+               ignore_missing: Callable[[str], bool] = lambda key: False):
+    """`model_cls.from_pretrained` under the server's rules, on the configured device, in eval mode.
+    Weights the head needs but the folder lacks fail the folder (a base model without a head)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model, loading = model_cls.from_pretrained(
+            path, use_safetensors=None if settings.allow_pickle else True,
+            trust_remote_code=False, local_files_only=True, disable_mmap=True,
+            dtype=settings.resolved_dtype(), output_loading_info=True,
+        )
+    except Exception as exc:
+        raise InvalidFolder(f"weights do not load: {type(exc).__name__}: {str(exc)[:300]}") from None
+    missing = sorted(k for k in loading.get("missing_keys") or [] if not ignore_missing(k))
+    if missing:
+        raise InvalidFolder(
+            f"{task} needs weights the folder lacks ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+            "is this a base model without a fine-tuned head?"
+        )
+    return model.to(settings.resolved_device()).eval()
+
+
+def load_processor(processor_cls, path: Path):
+    """A tokenizer or image processor from the folder alone."""
+    try:
+        return processor_cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise InvalidFolder(f"processor does not load: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def smoke_test(runner) -> None:
+    """One tiny forward pass before the model is served: weights whose bytes are corrupt (but whose
+    file is well-formed) give NaN/inf outputs, and a folder like that must not replace a working model."""
+    import torch
+
+    try:
+        outputs = runner.smoke()
+    except Exception as exc:  # some inputs may legitimately fail (e.g. a vocabulary mismatch): its requests will say so
+        log.warning("model smoke test raised %s: %s; serving it anyway", type(exc).__name__, str(exc)[:200])
+        return
+    if outputs is not None and not bool(torch.isfinite(outputs.float()).all()):
+        raise InvalidFolder("the model's outputs on a test input are NaN/inf: corrupt weights?")

@@ -1,0 +1,117 @@
+"""Dependencies shared by the routes, as `Annotated` aliases: the app's settings, registry and
+metrics; the API key check; and, for inference, one request's record, admission and model lease.
+
+An inference request resolves, in order: `RequestRecord` (metrics and the log line, written when the
+response has been sent, streams included), `admit` (404 for an unknown model, then 429 over
+max_concurrent_requests), `lease_model` (503 while loading or failed; the model stays leased until
+the response has been sent, so a stream keeps its model and its slot until it ends).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..errors import ApiError, as_api_error
+from ..metrics import Metrics
+from ..registry import Entry, ModelNotFound, Registry
+from ..settings import Settings
+
+log = logging.getLogger("service")
+# Open even with an API key: liveness, and static pages that hold no model or request data (the
+# playground asks for the key itself; the OpenAPI document is the same for every deployment).
+PUBLIC_PATHS = {"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With an API key set, every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`."""
+    if settings.api_key is None or request.url.path in PUBLIC_PATHS:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "unauthorized",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+@dataclass
+class InferenceRecord:
+    """What the metrics and the log line say about one inference request."""
+
+    name: str
+    label: str  # the model name, or "unknown" (label values stay bounded)
+    status: int = 200
+    error_type: str | None = None
+    task: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+async def _record(name: str, registry: RegistryDep, metrics: MetricsDep) -> AsyncIterator[InferenceRecord]:
+    record = InferenceRecord(name, name if name in registry.entries else "unknown")
+    try:
+        yield record
+    except Exception as exc:
+        error = as_api_error(exc)
+        record.status, record.error_type = (error.status, error.error_type) if error else (500, "internal")
+        raise
+    finally:
+        elapsed = time.perf_counter() - record.started
+        metrics.requests.labels(record.label, str(record.status)).inc()
+        if record.error_type:
+            metrics.errors.labels(record.label, record.error_type).inc()
+        metrics.latency.labels(record.label).observe(elapsed)
+        log.info("POST /models/%s task=%s status=%s %.1fms", name, record.task, record.status, elapsed * 1000)
+
+
+RequestRecord = Annotated[InferenceRecord, Depends(_record)]
+
+
+async def _admit(name: str, record: RequestRecord, request: Request, registry: RegistryDep,
+                 settings: SettingsDep, metrics: MetricsDep) -> AsyncIterator[None]:
+    if name not in registry.entries:
+        raise ModelNotFound(name, registry.names())
+    state = request.app.state
+    if state.in_flight >= settings.max_concurrent_requests:
+        metrics.rejected.inc()
+        raise ApiError(429, f"server is at max_concurrent_requests ({settings.max_concurrent_requests}); retry later",
+                       "overloaded", {"Retry-After": "1"})
+    state.in_flight += 1
+    metrics.in_flight.inc()
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+        metrics.in_flight.dec()
+
+
+async def _lease(name: str, record: RequestRecord, _slot: Annotated[None, Depends(_admit)],
+                 registry: RegistryDep) -> AsyncIterator[Entry]:
+    async with registry.lease(name) as entry:
+        record.task = entry.task
+        yield entry
+
+
+LeasedModel = Annotated[Entry, Depends(_lease)]

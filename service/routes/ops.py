@@ -1,0 +1,48 @@
+"""Operations: liveness, readiness, Prometheus metrics, reload, and the playground page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, Response
+
+from ..errors import error_response
+from ..openapi_doc import AUTH, BODY, READY_RESPONSES
+from .deps import MetricsDep, RegistryDep
+
+STATIC = Path(__file__).resolve().parents[1] / "static"
+router = APIRouter()
+
+
+@router.get("/health", tags=["ops"], summary="Alive (no auth)")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["ops"], summary="All models found at startup are loaded (or failed)",
+            responses=READY_RESPONSES)
+async def ready(registry: RegistryDep):
+    if not registry.ready:
+        return error_response(503, "models are loading", "loading", {"Retry-After": "1"})
+    counts: dict[str, int] = {}
+    for entry in registry.entries.values():
+        counts[entry.status] = counts.get(entry.status, 0) + 1
+    return {"status": "ready", "models": counts}
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}, **AUTH})
+async def prometheus(metrics: MetricsDep):
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+@router.post("/admin/reload", tags=["ops"], summary="Rescan models_dir now; returns what changed", responses={**AUTH, **BODY})
+async def reload(registry: RegistryDep) -> dict:
+    return await registry.scan()
+
+
+@router.get("/", include_in_schema=False)
+async def playground():
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))

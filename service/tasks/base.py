@@ -1,0 +1,116 @@
+"""What a served task is, and what the server hands it for one request.
+
+A task module (service/tasks/<task>.py) holds everything about one task: its request and response
+schemas, how a folder of that task is recognised and loaded, its runner (what the batcher calls),
+its smoke input, response formatting and its part of the OpenAPI document. The registry, the routes
+and the batcher know tasks only through `ServedTask` and the `TASKS` table (service/tasks/__init__.py).
+
+A runner is what a task's `load` returns. The batcher (service/batching.py) calls, on the model's
+worker thread:
+- batchable runners: `prepare(payload) -> (prepared, cost)` per request and
+  `run_batch(prepared_list, params_list) -> results` once per micro-batch (on the torch thread);
+- other runners: `generate(payload, params, emit, cancelled) -> result` (on the torch thread).
+`smoke()` runs the task's smoke input once after loading and returns the raw outputs, which must be
+finite; `labels` lists the label names, or None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from ..batching import Job, ModelWorker
+from ..errors import job_error
+from ..metrics import Metrics
+from ..settings import Settings
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+class StrictBody(BaseModel):
+    """Request bodies refuse unknown fields (422 naming the field). NaN and Infinity parse as JSON in
+    Python; as a temperature or penalty they only make torch fail."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass
+class Call:
+    """One inference request as a task's `handle` sees it: the leased model and the server around it."""
+
+    name: str
+    runner: Any
+    worker: ModelWorker
+    settings: Settings
+    metrics: Metrics
+    started: float = field(default_factory=time.perf_counter)
+
+    async def run(self, payload: Any, params: Any, size: int = 1) -> tuple[Any, Job]:
+        """Queue one job on the model's batcher and wait for its result (errors become ApiErrors)."""
+        job = self.worker.submit(payload, params, size=size)
+        try:
+            result = await job.future
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        except Exception as exc:
+            error = job_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        self.metrics.queue_seconds.labels(self.name).observe(job.queue_ms / 1000)
+        return result, job
+
+    def headers(self, job: Job) -> dict[str, str]:
+        """TEI's timing headers (ms) and the model that answered."""
+        return {
+            "x-queue-time": f"{job.queue_ms:.3f}",
+            "x-inference-time": f"{job.inference_ms:.3f}",
+            "x-total-time": f"{(time.perf_counter() - self.started) * 1000:.3f}",
+            "x-model-name": self.name,
+        }
+
+    def json(self, content: Any, job: Job) -> JSONResponse:
+        return JSONResponse(content, headers=self.headers(job))
+
+
+class ServedTask:
+    """One served task. Subclasses set the class attributes and implement `load` and `handle`."""
+
+    name: ClassVar[str]
+    #: other pipeline tags that mean this task (e.g. "sentiment-analysis")
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: a config architecture ending in one of these is this task when the card names none
+    architecture_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: a folder of this task has at least one of these files (its processor)
+    processor_files: ClassVar[tuple[str, ...]] = TOKENIZER_FILES
+    processor_description: ClassVar[str] = "tokenizer files (tokenizer.json / tokenizer_config.json / vocab)"
+    #: whether the config's id2label names are this task's labels
+    has_labels: ClassVar[bool] = True
+    # -- the OpenAPI document of POST /models/{name}
+    json_requests: ClassVar[tuple[type[BaseModel], ...]] = ()
+    other_request_content: ClassVar[dict[str, dict]] = {}
+    response_models: ClassVar[tuple[type[BaseModel], ...]] = ()
+    response_schema: ClassVar[dict] = {}
+    response_description: ClassVar[str] = ""
+    stream_content: ClassVar[dict[str, dict]] = {}
+
+    def recognises(self, path: Path, card: dict, config: dict) -> bool:
+        """A folder is this task for a reason besides its pipeline tag or architecture (checked after
+        the tag, before the architecture)."""
+        return False
+
+    def load(self, path: Path, settings: Settings) -> Any:
+        """Model + processor -> runner (blocking: runs on the torch thread). Raise InvalidFolder."""
+        raise NotImplementedError
+
+    async def handle(self, request: Request, call: Call) -> Response:
+        """Parse the request, run it through `call`, format the response."""
+        raise NotImplementedError

@@ -1,0 +1,375 @@
+"""text-generation: `{"inputs": prompt, "parameters": {...}, "stream": bool}` -> `[{"generated_text"}]`,
+or server-sent events token by token, in the shapes of TGI's /generate and /generate_stream (what
+`InferenceClient.text_generation` sends and parses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
+
+from ..errors import ApiError, InputError, job_error
+from ..request_parsing import read_json
+from ..settings import Settings
+from .base import Call, ServedTask, StrictBody
+from .text_inputs import check_request_chars
+
+# -- schemas ---------------------------------------------------------------------------------------
+
+class GenerationParameters(StrictBody):
+    """TGI's parameters. Those marked unsupported are accepted only at their neutral value."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default: generation_config, else 20; capped by the server).")
+    # Bounds: a temperature or penalty near 0 turns logits into inf/NaN, which torch's sampler rejects.
+    temperature: float | None = Field(None, ge=1e-3, le=1e3, description="Sampling temperature (setting it turns sampling on).")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens (turns sampling on).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (turns sampling on).")
+    typical_p: float | None = Field(None, gt=0, le=1, description="Typical decoding mass (turns sampling on).")
+    do_sample: bool | None = Field(None, description="Sample instead of greedy decoding.")
+    repetition_penalty: float | None = Field(None, ge=1e-2, le=1e2, description="Penalty for repeated tokens (1.0 = none).")
+    return_full_text: bool | None = Field(None, description="Prepend the prompt to generated_text (default false, as TGI).")
+    stop: list[str] | None = Field(None, max_length=8, description="Stop when one of these strings is generated (it is kept in the text, as TGI).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for sampling.")
+    truncate: int | None = Field(None, ge=1, description="Keep only the last N prompt tokens.")
+    details: bool | None = Field(None, description="Return token ids, log-probabilities and the finish reason.")
+    decoder_input_details: bool | None = Field(None, description="With details: also list the prompt tokens (prefill).")
+    best_of: int | None = Field(None, ge=1, le=1, description="Unsupported beyond 1.")
+    watermark: bool | None = Field(None, description="Unsupported (false only).")
+    top_n_tokens: int | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
+    adapter_id: None = Field(None, description="Unsupported.")
+    grammar: None = Field(None, description="Unsupported.")
+
+    @field_validator("watermark")
+    @classmethod
+    def _no_watermark(cls, value):
+        if value:
+            raise ValueError("watermarking is not supported")
+        return value
+
+
+class TextGenerationRequest(StrictBody):
+    inputs: str = Field(description="The prompt.")
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    stream: bool = Field(False, description="Server-sent events, one per token (TGI's /generate_stream shape).")
+    options: dict[str, Any] | None = None
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class GenerationDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken] = []
+    tokens: list[Token] = []
+
+
+class GenerationOutput(BaseModel):
+    generated_text: str
+    details: GenerationDetails | None = None
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationResult:
+    generated_text: str
+    finish_reason: str
+    tokens: list[dict] = field(default_factory=list)
+    prefill: list[dict] = field(default_factory=list)
+    seed: int | None = None
+    input_length: int = 0
+
+
+class _Capture:
+    """Last logits processor of `generate`: remembers the final log-probabilities of each step."""
+
+    def __init__(self):
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        self.logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class _Streamer:
+    """Receives token ids from `generate`, decodes them incrementally and emits events."""
+
+    def __init__(self, runner: TextGenerationRunner, capture: _Capture, stop: list[str], emit, cancelled):
+        self.runner, self.capture, self.stop, self.emit, self.cancelled = runner, capture, stop, emit, cancelled
+        self.prompt_seen = False
+        self.ids: list[int] = []
+        self.tokens: list[dict] = []
+        self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.stop_hit = False
+        self.eos_hit = False
+
+    def put(self, value: torch.Tensor):
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        token_id = int(value.reshape(-1)[0])
+        logprob = None
+        if self.capture.logprobs is not None:
+            value_lp = float(self.capture.logprobs[0, token_id])
+            logprob = value_lp if math.isfinite(value_lp) else None
+        self.ids.append(token_id)
+        special = token_id in self.runner.special_ids
+        if token_id in self.runner.eos_ids:
+            self.eos_hit = True
+        text = self.runner.tokenizer.decode([token_id]) if special else self._decode_new()
+        token = {"id": token_id, "text": text, "logprob": logprob, "special": special}
+        self.tokens.append(token)
+        if not special:
+            self.text += text
+            if self.stop and any(s in self.text for s in self.stop):
+                self.stop_hit = True
+        if self.emit is not None:
+            self.emit(token)
+
+    def _decode_new(self) -> str:
+        # TGI's incremental detokenisation: decode a small window, emit only completed characters.
+        tok = self.runner.tokenizer
+        visible = [i for i in self.ids if i not in self.runner.special_ids]
+        prefix = tok.decode(visible[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        new = tok.decode(visible[self.prefix_offset:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(visible)
+            return new[len(prefix):]
+        return ""
+
+    def end(self):
+        pass
+
+    def should_stop(self) -> bool:
+        return self.stop_hit or self.cancelled()
+
+
+class _StopCriterion:
+    def __init__(self, streamer: _Streamer):
+        self.streamer = streamer
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.streamer.should_stop()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class TextGenerationRunner:
+    batchable = False
+
+    def __init__(self, model, tokenizer, settings: Settings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_input_chars = settings.max_input_chars
+        max_input_length, max_new_tokens_cap = settings.max_input_length, settings.max_new_tokens
+        positions = (
+            getattr(model.config, "max_position_embeddings", None)
+            or getattr(model.config, "n_positions", None)
+            or max_input_length
+        )
+        self.context = int(positions)
+        self.max_input_length = int(min(max_input_length, positions))
+        self.special_ids = set(tokenizer.all_special_ids)
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.default_max_new_tokens = min(gen.max_new_tokens or 20, max_new_tokens_cap)
+
+    @property
+    def labels(self):
+        return None
+
+    def generate(self, prompt: str, p, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> GenerationResult:
+        # Only the end of the prompt is kept (below), so only its end is tokenized: a megabyte of text
+        # would otherwise cost about a second of CPU.
+        ids = self.tokenizer(prompt[-self.max_input_chars:], add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise InputError("the prompt has no tokens", "inputs")
+        keep = min(p.truncate or self.max_input_length, self.max_input_length, self.context - 1)
+        ids = ids[-keep:]  # keep the end of the prompt, as TGI does
+        # never run past the model's context: finish_reason "length" says it stopped early
+        max_new = min(p.max_new_tokens or self.default_max_new_tokens, self.context - len(ids))
+        sample = bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0) or p.typical_p not in (None, 1.0))
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sample, "pad_token_id": self.pad_id}
+        if sample:
+            kwargs.update(temperature=p.temperature or 1.0, top_k=p.top_k or 0, top_p=p.top_p or 1.0)
+            if p.typical_p:
+                kwargs["typical_p"] = p.typical_p
+        else:  # neutralise sampling knobs a generation_config.json may set
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        if p.repetition_penalty:
+            kwargs["repetition_penalty"] = p.repetition_penalty
+        capture = _Capture()
+        streamer = _Streamer(self, capture, p.stop or [], emit, cancelled)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            if sample and p.seed is not None:
+                torch.manual_seed(p.seed)
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                logits_processor=[capture],
+                stopping_criteria=[_StopCriterion(streamer)],
+                streamer=streamer,
+                **kwargs,
+            )
+        if streamer.stop_hit:
+            reason = "stop_sequence"
+        elif streamer.eos_hit:
+            reason = "eos_token"
+        else:
+            reason = "length"
+        text = streamer.text
+        if p.return_full_text:
+            text = prompt + text
+        prefill = []
+        if p.details and p.decoder_input_details:
+            prefill = [{"id": i, "text": self.tokenizer.decode([i]), "logprob": None} for i in ids]
+        return GenerationResult(text, reason, streamer.tokens, prefill, p.seed, len(ids))
+
+    def smoke(self):
+        ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"][:, :8]
+        if ids.shape[1] == 0:
+            return None
+        return self.model(input_ids=ids.to(self.model.device)).logits
+
+
+# -- the task --------------------------------------------------------------------------------------
+
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+class TextGeneration(ServedTask):
+    name = "text-generation"
+    architecture_suffixes = ("ForCausalLM", "LMHeadModel")
+    has_labels = False
+    json_requests = (TextGenerationRequest,)
+    response_models = (GenerationOutput,)
+    response_schema = {"type": "array", "items": {"$ref": "#/components/schemas/GenerationOutput"},
+                       "title": "TextGenerationOutput"}
+    response_description = "text-generation: one generated text, or server-sent events with `stream`"
+    stream_content = {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                "description": "JSON: {index, token, top_tokens, generated_text, "
+                                               "details} as TGI's /generate_stream, or {error, error_type}"}},
+    }, "description": "One server-sent event per token"}}
+
+    def load(self, path: Path, settings: Settings) -> TextGenerationRunner:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..loading import load_model, load_processor
+
+        model = load_model(AutoModelForCausalLM, path, settings, self.name)
+        return TextGenerationRunner(model, load_processor(AutoTokenizer, path), settings)
+
+    async def handle(self, request: Request, call: Call) -> Response:
+        body = await read_json(request, TextGenerationRequest)
+        p = body.parameters
+        if p.max_new_tokens is not None and p.max_new_tokens > call.settings.max_new_tokens:
+            raise ApiError(422, f"parameters.max_new_tokens: at most {call.settings.max_new_tokens} on this server", "validation")
+        check_request_chars([body.inputs], call.settings)
+        if body.stream:
+            return await self.stream(call, body)
+        result, job = await call.run(body.inputs, p)
+        call.metrics.generated_tokens.labels(call.name).inc(len(result.tokens))
+        out: dict[str, Any] = {"generated_text": result.generated_text}
+        if p.details:
+            out["details"] = {
+                "finish_reason": result.finish_reason,
+                "generated_tokens": len(result.tokens),
+                "seed": result.seed,
+                "prefill": result.prefill,
+                "tokens": result.tokens,
+            }
+        return call.json([out], job)
+
+    @staticmethod
+    async def stream(call: Call, body: TextGenerationRequest) -> Response:
+        """Submit the generation and answer with one event per token once the first token exists.
+
+        Waiting for the first token means input errors still get a plain 4xx; after that, a failure
+        is sent as a final `{"error", "error_type"}` event. The request's model lease (a dependency of
+        the route) lasts until the stream ends; a client that goes away cancels the generation.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        done = object()
+        job = call.worker.submit(body.inputs, body.parameters,
+                                 emit=lambda tok: loop.call_soon_threadsafe(events.put_nowait, tok))
+        job.future.add_done_callback(lambda _f: events.put_nowait(done))
+        try:
+            first = await events.get()
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if first is done:
+            exc = job.future.exception()
+            if exc is not None:
+                raise (job_error(exc) or exc)
+            first = None
+
+        async def stream():
+            try:
+                previous, index = first, 0
+                while previous is not None:
+                    item = await events.get()
+                    if item is done:
+                        exc = job.future.exception()
+                        if isinstance(exc, InputError):
+                            yield _sse({"error": str(exc), "error_type": "validation"})
+                            return
+                        if exc is not None:
+                            yield _sse({"error": f"generation failed (error id {getattr(exc, 'error_id', '-')})",
+                                        "error_type": "generation"})
+                            return
+                        result = job.future.result()
+                        call.metrics.generated_tokens.labels(call.name).inc(len(result.tokens))
+                        index += 1
+                        yield _sse({"index": index, "token": previous, "top_tokens": None,
+                                    "generated_text": result.generated_text,
+                                    "details": {"finish_reason": result.finish_reason,
+                                                "generated_tokens": len(result.tokens),
+                                                "seed": result.seed, "input_length": result.input_length}})
+                        return
+                    index += 1
+                    yield _sse({"index": index, "token": previous, "top_tokens": None, "generated_text": None,
+                                "details": None})
+                    previous = item
+            finally:
+                job.cancel.set()  # a client that went away stops the generation
+
+        headers = {
+            "x-queue-time": f"{job.queue_ms:.3f}",
+            "x-inference-time": f"{(time.perf_counter() - job.started) * 1000:.3f}" if job.started else "0",
+            "x-model-name": call.name,
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+        }
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

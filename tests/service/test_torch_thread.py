@@ -1,0 +1,46 @@
+"""service/torch_thread.py: one thread runs every model's torch work."""
+
+from __future__ import annotations
+
+import asyncio
+
+from test_batching import TEXTS, _worker
+
+from service.tasks.classifier import ClassificationParameters
+
+
+def test_all_torch_work_runs_on_one_thread(pristine_models):
+    """Loading and the forward passes of every model run on the single torch thread (two OpenMP
+    teams alive at once halve CPU speed), while each model keeps its own batching thread."""
+    import threading
+
+    from service import torch_thread
+
+    seen: dict[str, set[str]] = {}
+
+    def recorder(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    workers = [_worker(pristine_models / "topics"), _worker(pristine_models / "writer")]
+    workers[0].runner.run_batch = recorder("topics", workers[0].runner.run_batch)
+    workers[1].runner.generate = recorder("writer", workers[1].runner.generate)
+
+    async def scenario():
+        from service.tasks.text_generation import GenerationParameters
+
+        jobs = [workers[0].submit([t], ClassificationParameters()) for t in TEXTS[:3]]
+        jobs.append(workers[1].submit("Hello", GenerationParameters(max_new_tokens=2)))
+        return await asyncio.gather(*(j.future for j in jobs))
+
+    results = asyncio.run(scenario())
+    assert len(results) == 4 and results[0][0][0]["label"] in {"sports", "politics", "science"}
+    names = seen["topics"] | seen["writer"]
+    assert len(names) == 1 and next(iter(names)).startswith("torch")
+    assert {w._thread.name for w in workers} == {"model-t"}  # batching stays on the workers' threads
+    assert torch_thread.run(torch_thread.on_torch_thread) is True and not torch_thread.on_torch_thread()
+    for worker in workers:
+        worker.close()
+        worker.join(5)
