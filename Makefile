@@ -41,10 +41,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # Each demo model is trained once; an interrupted run resumes from its last checkpoint.
-demo-train: install assets models/demo-sentiment/all_results.json models/demo-images/all_results.json
+demo-train: install assets models/demo-sentiment/all_results.json models/demo-images/all_results.json models/demo-embeddings/config.json
 
 models/demo-%/all_results.json: training/recipes/demo-%.yaml
 	$(ACCELERATE_LAUNCH) training/finetune.py --recipe $< --resume_from_checkpoint latest
+
+# The packaged all-MiniLM-L6-v2 as it is: a sentence-embedding model (feature-extraction), copied in
+# through a hidden folder (the server ignores those) so it appears complete or not at all.
+models/demo-embeddings/config.json: | assets
+	rm -rf models/.demo-embeddings.tmp
+	cp -rL assets/models/all-MiniLM-L6-v2 models/.demo-embeddings.tmp
+	mv models/.demo-embeddings.tmp models/demo-embeddings
 
 # DEMO_FLAGS=--exit stops the server after the demo requests (for scripts).
 demo: demo-train

@@ -1,5 +1,6 @@
 """The serving half of `make demo`: start the server on models/, send one real request per demo
-model with huggingface_hub's InferenceClient, print the answers and the playground URL.
+model (sentiment, images, sentence embeddings) with huggingface_hub's InferenceClient, print the
+answers and the playground URL.
 
     python scripts/demo.py [--port 8000] [--exit]
 
@@ -25,6 +26,7 @@ SENTENCES = [
     "A gorgeous, witty, seductive movie that earns every one of its laughs.",
     "The plot is a mess and the jokes land with a dull thud.",
 ]
+SIMILAR = "A charming, clever film that is funny from start to finish."
 
 
 def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> dict:
@@ -88,6 +90,14 @@ def main() -> int:
             preds = client.image_classification(image, top_k=3)
             shown = ", ".join(f"{p.label} ({p.score:.3f})" for p in preds)
             print(f"demo-images     a Fashion-MNIST test image of a {truth}\n                -> {shown}")
+
+        if "demo-embeddings" in names:
+            client = InferenceClient(model=f"{base}/models/demo-embeddings")
+            vectors = client.feature_extraction(SENTENCES[0])
+            similar = client.sentence_similarity(SENTENCES[0], other_sentences=[SIMILAR, SENTENCES[1]])
+            print(f"demo-embeddings {vectors.shape[1]}-dimensional sentence vectors; cosine similarity of\n"
+                  f"                {SENTENCES[0]!r} with\n"
+                  f"                {SIMILAR!r}: {similar[0]:.3f}, with the negative review: {similar[1]:.3f}")
 
         print(f"\nplayground: {base}/    API docs: {base}/docs    metrics: {base}/metrics")
         print(f"try: curl -s {base}/models/demo-sentiment -H 'Content-Type: application/json' "

@@ -150,3 +150,17 @@ def build_tiny_efficientnet(out: Path, labels: list[str] | None = None, seed: in
     EfficientNetForImageClassification(config).save_pretrained(out)
     EfficientNetImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(out)
     return out
+
+
+def build_tiny_sentence_encoder(out: Path, pooling: str = "mean_tokens", seed: int = 0) -> Path:
+    """A sentence-transformers folder around the tiny BERT: modules.json and 1_Pooling/config.json."""
+    import json
+
+    build_tiny_bert(out, seed=seed)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Pooling").mkdir()
+    modes = {f"pooling_mode_{m}": m == pooling for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
+    return out

@@ -18,6 +18,7 @@ from service_helpers import (
     build_tiny_gpt2,
     build_tiny_mobilenet_v2,
     build_tiny_resnet,
+    build_tiny_sentence_encoder,
     make_models_dir,
     png_bytes,
     wait_ready,
@@ -40,6 +41,7 @@ def pristine_models(tmp_path_factory) -> Path:
     write_card(root / "mobilenet", "image-classification")
     build_tiny_resnet(root / "resnet")  # no card
     build_failing_bert(root / "fragile")
+    build_tiny_sentence_encoder(root / "embedder", pooling="cls_token")  # no card: modules.json says it
     # broken folders
     shutil.copytree(root / "sentiment", root / "corrupt")
     weights = root / "corrupt" / "model.safetensors"

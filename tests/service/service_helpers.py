@@ -30,6 +30,7 @@ from tests.tiny_models import (  # noqa: E402, F401  (re-exported for conftest)
     build_tiny_gpt2,
     build_tiny_mobilenet_v2,
     build_tiny_resnet,
+    build_tiny_sentence_encoder,
     minilm_dir,
 )
 
@@ -82,7 +83,7 @@ def build_failing_bert(out: Path) -> Path:
     return out
 
 
-GOOD = ["sentiment", "topics", "writer", "gpt2-cls", "mobilenet", "resnet", "fragile"]
+GOOD = ["sentiment", "topics", "writer", "gpt2-cls", "mobilenet", "resnet", "fragile", "embedder"]
 BROKEN = ["corrupt", "no-config", "base-bert"]
 
 

@@ -20,6 +20,7 @@ def test_card_task_and_metrics(pristine_models):
 @pytest.mark.parametrize(("name", "task"), [
     ("topics", "text-classification"), ("gpt2-cls", "text-classification"),
     ("writer", "text-generation"), ("mobilenet", "image-classification"), ("resnet", "image-classification"),
+    ("embedder", "feature-extraction"),
 ])
 def test_task_from_card_or_architecture(pristine_models, name, task):
     assert inspect_folder(pristine_models / name).task == task
@@ -63,3 +64,24 @@ def test_signature_changes_with_content(pristine_models, tmp_path):
     assert folder_signature(folder) == before
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
     assert folder_signature(folder) != before
+
+
+def test_card_tag_wins_over_modules_json(pristine_models, tmp_path):
+    """A sentence-transformers folder whose card says text-classification is served as that task."""
+    folder = shutil.copytree(pristine_models / "embedder", tmp_path / "e")
+    (folder / "README.md").write_text("---\npipeline_tag: sentence-similarity\n---\n")
+    assert inspect_folder(folder).task == "feature-extraction"
+    (folder / "README.md").write_text("---\npipeline_tag: text-classification\n---\n")
+    assert inspect_folder(folder).task == "text-classification"
+
+
+def test_unknown_pooling_is_refused_at_load(pristine_models, tmp_path):
+    import json
+
+    from service.loading import load_runner
+    from service.settings import Settings
+
+    folder = shutil.copytree(pristine_models / "embedder", tmp_path / "e")
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    with pytest.raises(InvalidFolder, match="weightedmean"):
+        load_runner(folder, inspect_folder(folder), Settings(_env_file=None))

@@ -80,3 +80,17 @@ def test_generate_streams_text(page, http):
     expected = http.post("/models/writer", json={"inputs": "Hello world", "parameters": {"max_new_tokens": 8}}).json()
     assert card.locator(".generated").text_content() == expected[0]["generated_text"]
     assert "8 tokens" in card.locator(".timing").inner_text()
+
+
+@pytest.mark.slow
+def test_compare_sentences(page, http):
+    card = page.locator('[data-model="embedder"]')
+    card.locator("textarea").first.fill("a calm evening")
+    card.locator("textarea").nth(1).fill("a quiet night\nstock prices fell")
+    card.get_by_role("button", name="Compare").click()
+    card.locator(".bar").first.wait_for()
+    shown = card.locator(".bar").evaluate_all("bars => bars.map(b => [b.dataset.label, +b.querySelector('.score').textContent])")
+    expected = http.post("/models/embedder", json={"inputs": {"source_sentence": "a calm evening",
+                                                             "sentences": ["a quiet night", "stock prices fell"]}}).json()
+    assert [label for label, _ in shown] == ["a quiet night", "stock prices fell"]
+    assert [score for _, score in shown] == pytest.approx(expected, abs=1e-4)
