@@ -1,13 +1,13 @@
 """Inference-only rewrites of convolutional image models: same answers, less work per image.
 
 - Batch norm folded into the convolution before it. In eval mode a BatchNorm2d is an affine map
-  per channel, so it can be baked into the preceding conv's weight and bias; MobileNetV2 spent
-  13 % of its serving time in `batch_norm` (benchmarks/results/profile-ours-mobilenet-v2-c1.txt).
-- Channels-last (NHWC) weights, the layout oneDNN (CPU) and cuDNN kernels are fastest in:
-  MobileNetV2 on a 2-core CPU 123 vs 73 images/s one at a time.
+  per channel, so it can be baked into the preceding conv's weight and bias (the profile that
+  showed batch norm's share: docs/performance.md, Serving, item 6).
+- Channels-last (NHWC) weights, the layout oneDNN (CPU) and cuDNN kernels are fastest in (the
+  measured gain: the same item).
 
-Logits change only by float rounding (about 1e-5 on logits of magnitude 10; the service tests
-compare against transformers' own pipeline).
+Logits change only by float rounding (tests/service/tasks/test_image_classification.py compares
+against transformers' own pipeline).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 PyTorch's CPU kernels run on OpenMP, and libgomp keeps a team of worker threads for each OS thread
 that has entered a parallel region, for as long as that thread lives. Two such threads alive at once
 (the loader and a model's worker, or the workers of two models) put more OpenMP threads in the
-process than there are cores, and libgomp then throttles its spin-waiting: on the 2-core benchmark
-machine a MobileNetV2 forward took 12.4 ms instead of 6.5 ms, whichever thread ran it
-(docs/performance.md). So the model workers keep their queues and batching, and hand the torch part
+process than there are cores, and libgomp then throttles its spin-waiting: every forward pass gets
+about twice as slow, whichever thread runs it (measured: docs/performance.md, Serving, item 7). So the model workers keep their queues and batching, and hand the torch part
 to this single thread. On a CPU nothing is lost: two forward passes at once would share the same
 cores anyway. `torch.set_num_threads` is per thread under OpenMP, so it is applied here too.
 """

@@ -31,8 +31,8 @@ class FastImagePreprocess:
     """The usual ImageNet preprocessing (resize the shortest edge or to a fixed size, center crop,
     rescale, normalise) done with one PIL resize and one float32 numpy expression.
 
-    transformers' PIL processors take 4-7 ms per image on this CPU, about a MobileNetV2 forward
-    pass; this path was ~20 % cheaper in a micro-benchmark and runs per request in `prepare`.
+    transformers' PIL processors cost about as much per image as a MobileNetV2 forward pass on a
+    CPU; this path is cheaper (docs/performance.md, Serving, item 4) and runs per request in `prepare`.
     `build` returns None unless the processor is one of this simple kind *and* this path
     reproduces its output on probe images (else the processor is used as is), so the served
     numbers never change.
@@ -112,11 +112,10 @@ class ImageClassificationRunner(ClassifierRunner):
         image = image.convert("RGB")
         return [self.fast(image) if self.fast is not None else image], 1
 
-    # On a CPU, convolutional networks run *slower per image* in large batches: measured here
-    # (channels-last), MobileNetV2 216 images/s 4 at a time, 124 one at a time, 59 at 32; ResNet-50
-    # 37, 30, ~30. The cause is glibc's allocator (a large batch's activations are fresh mmaps,
-    # page-faulted in on every pass; docs/performance.md), not the caches. So on a CPU a
-    # micro-batch runs through the model this many images at a time; on a GPU in one go.
+    # On a CPU, convolutional networks run *slower per image* in large batches than in small ones
+    # (docs/performance.md, Serving, items 5-6): glibc's allocator hands a large batch's activations
+    # out as fresh mmaps, page-faulted in on every pass. So on a CPU a micro-batch runs through the
+    # model this many images at a time; on a GPU in one go.
     CPU_IMAGES_PER_FORWARD = 4
 
     def run_batch(self, prepared: list[list[Any]], params: list[Any]) -> list[list[dict]]:

@@ -205,8 +205,8 @@ class TextGenerationRunner:
         return None
 
     def generate(self, prompt: str, p, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> GenerationResult:
-        # Only the end of the prompt is kept (below), so only its end is tokenized: a megabyte of text
-        # would otherwise cost about a second of CPU.
+        # Only the end of the prompt is kept (below), so only its end is tokenized (tokenizing costs
+        # in proportion to the text).
         ids = self.tokenizer(prompt[-self.max_input_chars:], add_special_tokens=True)["input_ids"]
         if not ids:
             raise InputError("the prompt has no tokens", "inputs")

@@ -48,7 +48,7 @@ class TextEncoder:
         encodings = []
         for i, text in enumerate(texts):
             if len(text) > self.max_input_chars:
-                # Tokenizing costs about a second per megabyte of text, truncated or not: cut first.
+                # Tokenizing costs in proportion to the text, truncated or not: cut first.
                 if not truncate:
                     raise InputError(f"input {i} has {len(text)} characters, more than max_input_chars "
                                      f"({self.max_input_chars}) (send truncate=true to cut it)", "inputs")
@@ -80,8 +80,8 @@ class TextEncoder:
         """Which inputs go through the model together.
 
         On a GPU, all of them: one launch. On a CPU, the batch is sorted by length and cut wherever
-        padding would exceed `CPU_PADDING_SLACK` of the real tokens: 32 Rotten Tomatoes sentences
-        (5 to 70 tokens) otherwise cost about twice their real tokens.
+        padding would exceed `CPU_PADDING_SLACK` of the real tokens (short and long sentences padded
+        together cost far more than their real tokens: docs/performance.md, Serving, item 2).
         """
         if self.model.device.type != "cpu" or len(flat) == 1:
             return [list(range(len(flat)))]
