@@ -136,3 +136,20 @@ def test_model_folders():
     assert len(config["id2label"]) == 1000 and config["id2label"]["967"] == "espresso"
     assert (mobilenet / "model.safetensors").exists() and (mobilenet / "preprocessor_config.json").exists()
     assert "pipeline_tag: image-classification" in (mobilenet / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_is_a_real_chat_model():
+    """The converted SmolLM2 folder loads as a plain Llama, has its chat template, stops at the end
+    of an assistant turn, and answers a factual question (greedy, so any CPU gives the same answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _asset("models/smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 130e6
+    assert tokenizer.chat_template and model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
