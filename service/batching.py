@@ -1,13 +1,13 @@
-"""Dynamic micro-batching: one worker thread per loaded model.
+"""Dynamic micro-batching for the encoder tasks (classification, embeddings): one worker thread per
+loaded model. (Generation has continuous batching instead: service/scheduler.py.)
 
 Requests become `Job`s on the model's queue. The worker takes the first waiting job plus every job
 already queued behind it (up to `max_batch_requests` inputs / `max_batch_tokens` padded tokens) and runs
 them in one forward pass at once: a lone request never waits, and under load the next batch forms
 while the current forward pass runs. Only when the previous pass held more jobs than have arrived
 (their clients are about to send again) does it wait for more, `max_batch_wait_ms` at most.
-Tokenising and image preprocessing happen on this thread; the forward pass and generation are
-handed to the one torch thread shared by all models (service/torch_thread.py), so the event loop
-only moves bytes. Results go back to the loop with `call_soon_threadsafe`.
+Tokenising and image preprocessing happen on this thread; the forward pass is handed to the one
+torch thread shared by all models (service/torch_thread.py), so the event loop only moves bytes. Results go back to the loop with `call_soon_threadsafe`.
 
 The queue is unbounded here on purpose: the app refuses requests over `max_concurrent_requests`
 (429) before they reach it, which bounds every queue.
@@ -40,7 +40,7 @@ class Job:
     params: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    emit: Any = None  # generation: called with each token from the worker thread
+    emit: Any = None  # generation: called with each token, from the torch thread
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
@@ -56,6 +56,13 @@ class Job:
     @property
     def inference_ms(self) -> float:
         return max(self.finished - self.started, 0.0) * 1000
+
+
+def failure(name: str, exc: BaseException) -> InferenceFailed:
+    """Log a model's exception with a fresh error id; the caller gets the id, never the traceback."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("model %s: inference failed (error id %s)", name, error_id, exc_info=exc)
+    return InferenceFailed(error_id)
 
 
 class ModelWorker:
@@ -99,9 +106,6 @@ class ModelWorker:
                 return
             if job.future.cancelled() or job.cancel.is_set():
                 continue
-            if not self.runner.batchable:
-                self._run_single(job)
-                continue
             if job.prepared is None and not self._prepare(job):
                 continue
             batch, inputs, longest = [job], job.size, job.cost
@@ -143,9 +147,9 @@ class ModelWorker:
             job.prepared, job.cost = self.runner.prepare((job.payload, job.params))
             return True
         except InputError as exc:
-            self._resolve(job, exc)
+            resolve(job, exc)
         except Exception as exc:  # a tokenizer bug is still our bug: 500 with an id
-            self._resolve(job, self._failure(exc))
+            resolve(job, failure(self.name, exc))
         return False
 
     def _run_batch(self, batch: list[Job], inputs: int) -> None:
@@ -157,7 +161,7 @@ class ModelWorker:
             results = torch_thread.run(self.runner.run_batch, [j.prepared for j in batch], [j.params for j in batch])
             error = None
         except Exception as exc:
-            results, error = [None] * len(batch), self._failure(exc)
+            results, error = [None] * len(batch), failure(self.name, exc)
         end = time.perf_counter()
         self.batches += 1
         self._last_jobs = len(batch)
@@ -167,38 +171,18 @@ class ModelWorker:
         for job, result in zip(batch, results, strict=True):
             job.finished = end
             job.prepared = None
-            self._resolve(job, error if error is not None else result)
+            resolve(job, error if error is not None else result)
 
-    def _run_single(self, job: Job) -> None:
-        job.started = time.perf_counter()
-        self._gauge()
-        try:
-            result = torch_thread.run(self.runner.generate, job.payload, job.params, job.emit, job.cancel.is_set)
-        except InputError as exc:
-            result = exc
-        except Exception as exc:
-            result = self._failure(exc)
-        job.finished = time.perf_counter()
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, 1)
-        self.metrics.batch_size.labels(self.name).observe(1)
-        self.metrics.forward_seconds.labels(self.name).observe(job.finished - job.started)
-        self._resolve(job, result)
 
-    def _failure(self, exc: BaseException) -> InferenceFailed:
-        error_id = uuid.uuid4().hex[:12]
-        log.error("model %s: inference failed (error id %s)", self.name, error_id, exc_info=exc)
-        return InferenceFailed(error_id)
+def resolve(job: Job, result) -> None:
+    """Hand a job's result (or exception) to its future, on the event loop's thread."""
+    def settle():
+        if job.future.done():
+            return
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
 
-    @staticmethod
-    def _resolve(job: Job, result) -> None:
-        def settle():
-            if job.future.done():
-                return
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed (server shutting down)
-            job.loop.call_soon_threadsafe(settle)
+    with contextlib.suppress(RuntimeError):  # the loop is closed (server shutting down)
+        job.loop.call_soon_threadsafe(settle)

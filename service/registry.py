@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from . import torch_thread
-from .batching import ModelWorker
 from .errors import ModelNotFound, ModelUnavailable
 from .folders import FolderInfo, InvalidFolder, folder_signature, inspect_folder, is_candidate
 from .loading import load_runner
 from .metrics import Metrics
 from .settings import Settings
+from .tasks import TASKS
 
 log = logging.getLogger("service.registry")
 
@@ -39,7 +39,7 @@ class Entry:
     status: str  # available (lazy, not loaded) | loading | ready | failed
     info: FolderInfo | None = None
     runner: Any = None
-    worker: ModelWorker | None = None
+    worker: Any = None  # the task's batcher: ModelWorker or GenerationScheduler
     error: str | None = None
     rejected_signature: tuple | None = None  # a replacement that failed: not retried until it changes
     loaded_at: float | None = None
@@ -191,7 +191,7 @@ class Registry:
             self._reject(name, path, sig, old, f"{type(exc).__name__}: {str(exc)[:300]}")
             return False
         entry = Entry(name, path, sig, "ready", info, runner=runner, loaded_at=time.time())
-        entry.worker = ModelWorker(name, runner, self.settings, self.metrics)
+        entry.worker = TASKS[info.task].worker(name, runner, self.settings, self.metrics)
         current = self.entries.get(name)
         if current is None or (current is not old and current.status != "loading"):
             entry.retire()  # removed or superseded while loading (scans are serialised, so rare)

@@ -5,11 +5,11 @@ schemas, how a folder of that task is recognised and loaded, its runner (what th
 its smoke input, response formatting and its part of the OpenAPI document. The registry, the routes
 and the batcher know tasks only through `ServedTask` and the `TASKS` table (service/tasks/__init__.py).
 
-A runner is what a task's `load` returns. The batcher (service/batching.py) calls, on the model's
-worker thread:
-- batchable runners: `prepare(payload) -> (prepared, cost)` per request and
-  `run_batch(prepared_list, params_list) -> results` once per micro-batch (on the torch thread);
-- other runners: `generate(payload, params, emit, cancelled) -> result` (on the torch thread).
+A runner is what a task's `load` returns; the task's `worker` batches its requests. The default,
+micro-batching (service/batching.py), calls on the model's worker thread `prepare(payload) ->
+(prepared, cost)` per request and, on the torch thread, `run_batch(prepared_list, params_list) ->
+results` once per micro-batch. Text generation has continuous batching instead
+(service/scheduler.py; its runner makes one `Sequence` per request).
 `smoke()` runs the task's smoke input once after loading and returns the raw outputs, which must be
 finite; `labels` lists the label names, or None.
 """
@@ -106,6 +106,10 @@ class ServedTask:
         """A folder is this task for a reason besides its pipeline tag or architecture (checked after
         the tag, before the architecture)."""
         return False
+
+    def worker(self, name: str, runner: Any, settings: Settings, metrics: Metrics) -> Any:
+        """What batches this task's requests: micro-batching by default (service/batching.py)."""
+        return ModelWorker(name, runner, settings, metrics)
 
     def load(self, path: Path, settings: Settings) -> Any:
         """Model + processor -> runner (blocking: runs on the torch thread). Raise InvalidFolder."""

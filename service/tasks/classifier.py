@@ -46,7 +46,6 @@ def _ranked(scores: list[float], id2label: dict, top_k: int | None) -> list[dict
 class ClassifierRunner:
     """The label side of a classifier runner: id2label, the default score function, ranked rows."""
 
-    batchable = True
 
     def __init__(self, model):
         self.model = model

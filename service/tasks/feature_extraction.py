@@ -95,7 +95,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class FeatureExtractionRunner:
-    batchable = True
     labels = None
 
     def __init__(self, model, tokenizer, settings: Settings, pooling: str, max_seq_length: int | None,

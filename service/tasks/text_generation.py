@@ -19,7 +19,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from ..errors import ApiError, InputError, job_error
+from ..metrics import Metrics
 from ..request_parsing import read_json
+from ..scheduler import GenerationScheduler
 from ..settings import Settings
 from .base import Call, ServedTask, StrictBody
 from .text_inputs import check_request_chars
@@ -103,45 +105,74 @@ class GenerationResult:
     input_length: int = 0
 
 
-class _Capture:
-    """Last logits processor of `generate`: remembers the final log-probabilities of each step."""
+class GenerationSequence:
+    """One request's generation: its prompt, its own sampling (transformers' logits processors and a
+    seeded generator of its own), incremental detokenisation, stop sequences and stream. The
+    scheduler (service/scheduler.py) hands it one row of logits per step."""
 
-    def __init__(self):
-        self.logprobs: torch.Tensor | None = None
+    def __init__(self, runner: TextGenerationRunner, prompt: str, prompt_ids: list[int], p: GenerationParameters,
+                 max_new_tokens: int, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]):
+        from transformers import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+            TypicalLogitsWarper,
+        )
 
-    def __call__(self, input_ids, scores):
-        self.logprobs = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-
-class _Streamer:
-    """Receives token ids from `generate`, decodes them incrementally and emits events."""
-
-    def __init__(self, runner: TextGenerationRunner, capture: _Capture, stop: list[str], emit, cancelled):
-        self.runner, self.capture, self.stop, self.emit, self.cancelled = runner, capture, stop, emit, cancelled
-        self.prompt_seen = False
+        self.runner, self.prompt, self.prompt_ids, self.params = runner, prompt, prompt_ids, p
+        self.max_new_tokens, self.emit, self.cancelled = max_new_tokens, emit, cancelled
+        self.stop = p.stop or []
+        self.sample = bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0)
+                           or p.typical_p not in (None, 1.0))
+        # The order of generate(): repetition penalty, then temperature, top-k, top-p, typical.
+        self.processors: list = []
+        if p.repetition_penalty and p.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+        if self.sample:
+            if p.temperature not in (None, 1.0):
+                self.processors.append(TemperatureLogitsWarper(p.temperature))
+            if p.top_k:
+                self.processors.append(TopKLogitsWarper(p.top_k))
+            if p.top_p not in (None, 1.0):
+                self.processors.append(TopPLogitsWarper(p.top_p))
+            if p.typical_p not in (None, 1.0):
+                self.processors.append(TypicalLogitsWarper(p.typical_p))
+            self.generator = torch.Generator(device=runner.model.device)
+            if p.seed is not None:
+                self.generator.manual_seed(p.seed)
+            else:
+                self.generator.seed()
         self.ids: list[int] = []
         self.tokens: list[dict] = []
         self.text = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.stop_hit = False
-        self.eos_hit = False
+        self.prefix_offset = self.read_offset = 0
+        self.stop_hit = self.eos_hit = False
 
-    def put(self, value: torch.Tensor):
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        token_id = int(value.reshape(-1)[0])
-        logprob = None
-        if self.capture.logprobs is not None:
-            value_lp = float(self.capture.logprobs[0, token_id])
-            logprob = value_lp if math.isfinite(value_lp) else None
+    def push(self, logits: torch.Tensor) -> int | None:
+        """Choose, record and stream the next token; None once the sequence is finished."""
+        scores = logits.unsqueeze(0)
+        if self.processors:
+            seen = torch.tensor([self.prompt_ids + self.ids], device=scores.device)
+            for processor in self.processors:
+                scores = processor(seen, scores)
+        logprobs = torch.log_softmax(scores, dim=-1)[0]
+        if self.sample:
+            token_id = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
+        else:
+            token_id = int(scores[0].argmax())
+        logprob = float(logprobs[token_id])
+        self._record(token_id, logprob if math.isfinite(logprob) else None)
+        done = self.eos_hit or self.stop_hit or len(self.ids) >= self.max_new_tokens
+        return None if done else token_id
+
+    def _record(self, token_id: int, logprob: float | None) -> None:
+        runner = self.runner
         self.ids.append(token_id)
-        special = token_id in self.runner.special_ids
-        if token_id in self.runner.eos_ids:
+        special = token_id in runner.special_ids
+        if token_id in runner.eos_ids:
             self.eos_hit = True
-        text = self.runner.tokenizer.decode([token_id]) if special else self._decode_new()
+        text = runner.tokenizer.decode([token_id]) if special else self._decode_new()
         token = {"id": token_id, "text": text, "logprob": logprob, "special": special}
         self.tokens.append(token)
         if not special:
@@ -162,25 +193,17 @@ class _Streamer:
             return new[len(prefix):]
         return ""
 
-    def end(self):
-        pass
-
-    def should_stop(self) -> bool:
-        return self.stop_hit or self.cancelled()
-
-
-class _StopCriterion:
-    def __init__(self, streamer: _Streamer):
-        self.streamer = streamer
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = self.streamer.should_stop()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+    def result(self) -> GenerationResult:
+        p = self.params
+        reason = "stop_sequence" if self.stop_hit else "eos_token" if self.eos_hit else "length"
+        text = self.prompt + self.text if p.return_full_text else self.text
+        prefill = []
+        if p.details and p.decoder_input_details:
+            prefill = [{"id": i, "text": self.runner.tokenizer.decode([i]), "logprob": None} for i in self.prompt_ids]
+        return GenerationResult(text, reason, self.tokens, prefill, p.seed, len(self.prompt_ids))
 
 
 class TextGenerationRunner:
-    batchable = False
-
     def __init__(self, model, tokenizer, settings: Settings):
         self.model = model
         self.tokenizer = tokenizer
@@ -204,7 +227,9 @@ class TextGenerationRunner:
     def labels(self):
         return None
 
-    def generate(self, prompt: str, p, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> GenerationResult:
+    def start(self, prompt: str, p: GenerationParameters, emit: Callable[[dict], None] | None,
+              cancelled: Callable[[], bool]) -> GenerationSequence:
+        """Tokenize a prompt into a sequence the scheduler can run (InputError if it cannot)."""
         # Only the end of the prompt is kept (below), so only its end is tokenized (tokenizing costs
         # in proportion to the text).
         ids = self.tokenizer(prompt[-self.max_input_chars:], add_special_tokens=True)["input_ids"]
@@ -214,43 +239,7 @@ class TextGenerationRunner:
         ids = ids[-keep:]  # keep the end of the prompt, as TGI does
         # never run past the model's context: finish_reason "length" says it stopped early
         max_new = min(p.max_new_tokens or self.default_max_new_tokens, self.context - len(ids))
-        sample = bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0) or p.typical_p not in (None, 1.0))
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sample, "pad_token_id": self.pad_id}
-        if sample:
-            kwargs.update(temperature=p.temperature or 1.0, top_k=p.top_k or 0, top_p=p.top_p or 1.0)
-            if p.typical_p:
-                kwargs["typical_p"] = p.typical_p
-        else:  # neutralise sampling knobs a generation_config.json may set
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        if p.repetition_penalty:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        capture = _Capture()
-        streamer = _Streamer(self, capture, p.stop or [], emit, cancelled)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
-            if sample and p.seed is not None:
-                torch.manual_seed(p.seed)
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                logits_processor=[capture],
-                stopping_criteria=[_StopCriterion(streamer)],
-                streamer=streamer,
-                **kwargs,
-            )
-        if streamer.stop_hit:
-            reason = "stop_sequence"
-        elif streamer.eos_hit:
-            reason = "eos_token"
-        else:
-            reason = "length"
-        text = streamer.text
-        if p.return_full_text:
-            text = prompt + text
-        prefill = []
-        if p.details and p.decoder_input_details:
-            prefill = [{"id": i, "text": self.tokenizer.decode([i]), "logprob": None} for i in ids]
-        return GenerationResult(text, reason, streamer.tokens, prefill, p.seed, len(ids))
+        return GenerationSequence(self, prompt, ids, p, max_new, emit, cancelled)
 
     def smoke(self):
         ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"][:, :8]
@@ -280,6 +269,9 @@ class TextGeneration(ServedTask):
                                 "description": "JSON: {index, token, top_tokens, generated_text, "
                                                "details} as TGI's /generate_stream, or {error, error_type}"}},
     }, "description": "One server-sent event per token"}}
+
+    def worker(self, name: str, runner: TextGenerationRunner, settings: Settings, metrics: Metrics) -> GenerationScheduler:
+        return GenerationScheduler(name, runner, settings, metrics)
 
     def load(self, path: Path, settings: Settings) -> TextGenerationRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer

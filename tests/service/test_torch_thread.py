@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from service_helpers import Settings
 from test_batching import TEXTS, _worker
 
 from service.tasks.classifier import ClassificationParameters
@@ -24,9 +25,14 @@ def test_all_torch_work_runs_on_one_thread(pristine_models):
             return fn(*args, **kwargs)
         return wrapped
 
-    workers = [_worker(pristine_models / "topics"), _worker(pristine_models / "writer")]
-    workers[0].runner.run_batch = recorder("topics", workers[0].runner.run_batch)
-    workers[1].runner.generate = recorder("writer", workers[1].runner.generate)
+    from service.metrics import Metrics
+    from service.tasks import TASKS
+
+    writer = _worker(pristine_models / "writer").runner  # loaded on the torch thread
+    workers = [_worker(pristine_models / "topics"),
+               TASKS["text-generation"].worker("t", writer, Settings(_env_file=None), Metrics())]
+    for name, worker in zip(("topics", "writer"), workers, strict=True):
+        worker.runner.model.forward = recorder(name, worker.runner.model.forward)
 
     async def scenario():
         from service.tasks.text_generation import GenerationParameters
@@ -39,7 +45,7 @@ def test_all_torch_work_runs_on_one_thread(pristine_models):
     assert len(results) == 4 and results[0][0][0]["label"] in {"sports", "politics", "science"}
     names = seen["topics"] | seen["writer"]
     assert len(names) == 1 and next(iter(names)).startswith("torch")
-    assert {w._thread.name for w in workers} == {"model-t"}  # batching stays on the workers' threads
+    assert {w._thread.name for w in workers} == {"model-t", "generate-t"}  # batching stays on the workers' threads
     assert torch_thread.run(torch_thread.on_torch_thread) is True and not torch_thread.on_torch_thread()
     for worker in workers:
         worker.close()
