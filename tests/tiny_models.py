@@ -164,3 +164,30 @@ def build_tiny_sentence_encoder(out: Path, pooling: str = "mean_tokens", seed: i
     modes = {f"pooling_mode_{m}": m == pooling for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}
     (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
     return out
+
+
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder built by scripts/offline_assets.py."""
+    path = ASSETS / "models" / "smollm2-135m-instruct"
+    if not (path / "model.safetensors").exists():
+        raise RuntimeError(f"{path} is missing: run `make assets`")
+    return path
+
+
+def build_tiny_llama_chat(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 32, grouped-query attention) with SmolLM2's real tokenizer and chat
+    template: a fast stand-in for a chat model (its answers are noise, its shapes are real)."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
