@@ -95,6 +95,15 @@ class GenerationOutput(BaseModel):
 
 # -- the runner ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Prompt:
+    """What a generation starts from: text, tokenized with the model's special tokens (a TGI
+    prompt) or without them (a chat template's output, which already holds them)."""
+
+    text: str
+    special_tokens: bool = True
+
+
 @dataclass
 class GenerationResult:
     generated_text: str
@@ -227,19 +236,19 @@ class TextGenerationRunner:
     def labels(self):
         return None
 
-    def start(self, prompt: str, p: GenerationParameters, emit: Callable[[dict], None] | None,
+    def start(self, prompt: Prompt, p: GenerationParameters, emit: Callable[[dict], None] | None,
               cancelled: Callable[[], bool]) -> GenerationSequence:
         """Tokenize a prompt into a sequence the scheduler can run (InputError if it cannot)."""
         # Only the end of the prompt is kept (below), so only its end is tokenized (tokenizing costs
         # in proportion to the text).
-        ids = self.tokenizer(prompt[-self.max_input_chars:], add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(prompt.text[-self.max_input_chars:], add_special_tokens=prompt.special_tokens)["input_ids"]
         if not ids:
             raise InputError("the prompt has no tokens", "inputs")
         keep = min(p.truncate or self.max_input_length, self.max_input_length, self.context - 1)
         ids = ids[-keep:]  # keep the end of the prompt, as TGI does
         # never run past the model's context: finish_reason "length" says it stopped early
         max_new = min(p.max_new_tokens or self.default_max_new_tokens, self.context - len(ids))
-        return GenerationSequence(self, prompt, ids, p, max_new, emit, cancelled)
+        return GenerationSequence(self, prompt.text, ids, p, max_new, emit, cancelled)
 
     def smoke(self):
         ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"][:, :8]
@@ -289,7 +298,7 @@ class TextGeneration(ServedTask):
         check_request_chars([body.inputs], call.settings)
         if body.stream:
             return await self.stream(call, body)
-        result, job = await call.run(body.inputs, p)
+        result, job = await call.run(Prompt(body.inputs), p)
         call.metrics.generated_tokens.labels(call.name).inc(len(result.tokens))
         out: dict[str, Any] = {"generated_text": result.generated_text}
         if p.details:
@@ -304,64 +313,81 @@ class TextGeneration(ServedTask):
 
     @staticmethod
     async def stream(call: Call, body: TextGenerationRequest) -> Response:
-        """Submit the generation and answer with one event per token once the first token exists.
+        """TGI's /generate_stream events; input errors before the first token are plain 4xx."""
+        tokens = await TokenStream.open(call, Prompt(body.inputs), body.parameters)
 
-        Waiting for the first token means input errors still get a plain 4xx; after that, a failure
-        is sent as a final `{"error", "error_type"}` event. The request's model lease (a dependency of
-        the route) lasts until the stream ends; a client that goes away cancels the generation.
-        """
+        async def events():
+            # Each event carries the token before the newest one, so that the last event can carry
+            # the last token together with generated_text and details, as TGI's do.
+            previous, index = None, 0
+            async for item in tokens:
+                if isinstance(item, ApiError):
+                    yield _sse({"error": item.message, "error_type": item.error_type})
+                    return
+                if isinstance(item, GenerationResult):
+                    call.metrics.generated_tokens.labels(call.name).inc(len(item.tokens))
+                    yield _sse({"index": index + 1, "token": previous, "top_tokens": None,
+                                "generated_text": item.generated_text,
+                                "details": {"finish_reason": item.finish_reason, "generated_tokens": len(item.tokens),
+                                            "seed": item.seed, "input_length": item.input_length}})
+                    return
+                if previous is not None:
+                    index += 1
+                    yield _sse({"index": index, "token": previous, "top_tokens": None, "generated_text": None,
+                                "details": None})
+                previous = item
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=tokens.headers())
+
+
+class TokenStream:
+    """The tokens of one generation as they are chosen, then its GenerationResult (or the ApiError
+    it failed with); `open` waits for the first token, so that input errors can still be plain 4xx.
+    Closing the iteration (a client that went away) cancels the generation."""
+
+    def __init__(self, call: Call, job, events: asyncio.Queue, first):
+        self.call, self.job, self._events, self._first = call, job, events, first
+
+    @classmethod
+    async def open(cls, call: Call, payload: Prompt, params: GenerationParameters) -> TokenStream:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        done = object()
-        job = call.worker.submit(body.inputs, body.parameters,
-                                 emit=lambda tok: loop.call_soon_threadsafe(events.put_nowait, tok))
-        job.future.add_done_callback(lambda _f: events.put_nowait(done))
+        job = call.worker.submit(payload, params, emit=lambda tok: loop.call_soon_threadsafe(events.put_nowait, tok))
+        job.future.add_done_callback(lambda _f: events.put_nowait(_DONE))
         try:
             first = await events.get()
         except asyncio.CancelledError:
             job.cancel.set()
             raise
-        if first is done:
+        if first is _DONE:
             exc = job.future.exception()
             if exc is not None:
                 raise (job_error(exc) or exc)
-            first = None
+        return cls(call, job, events, first)
 
-        async def stream():
-            try:
-                previous, index = first, 0
-                while previous is not None:
-                    item = await events.get()
-                    if item is done:
-                        exc = job.future.exception()
-                        if isinstance(exc, InputError):
-                            yield _sse({"error": str(exc), "error_type": "validation"})
-                            return
-                        if exc is not None:
-                            yield _sse({"error": f"generation failed (error id {getattr(exc, 'error_id', '-')})",
-                                        "error_type": "generation"})
-                            return
-                        result = job.future.result()
-                        call.metrics.generated_tokens.labels(call.name).inc(len(result.tokens))
-                        index += 1
-                        yield _sse({"index": index, "token": previous, "top_tokens": None,
-                                    "generated_text": result.generated_text,
-                                    "details": {"finish_reason": result.finish_reason,
-                                                "generated_tokens": len(result.tokens),
-                                                "seed": result.seed, "input_length": result.input_length}})
-                        return
-                    index += 1
-                    yield _sse({"index": index, "token": previous, "top_tokens": None, "generated_text": None,
-                                "details": None})
-                    previous = item
-            finally:
-                job.cancel.set()  # a client that went away stops the generation
+    def headers(self) -> dict[str, str]:
+        job = self.job
+        return {"x-queue-time": f"{job.queue_ms:.3f}",
+                "x-inference-time": f"{(time.perf_counter() - job.started) * 1000:.3f}" if job.started else "0",
+                "x-model-name": self.call.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
 
-        headers = {
-            "x-queue-time": f"{job.queue_ms:.3f}",
-            "x-inference-time": f"{(time.perf_counter() - job.started) * 1000:.3f}" if job.started else "0",
-            "x-model-name": call.name,
-            "cache-control": "no-cache",
-            "x-accel-buffering": "no",
-        }
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    async def __aiter__(self):
+        try:
+            item = self._first
+            while True:
+                if item is _DONE:
+                    exc = self.job.future.exception()
+                    if exc is None:
+                        yield self.job.future.result()
+                    elif isinstance(exc, InputError):
+                        yield ApiError(422, str(exc), "validation")
+                    else:
+                        yield ApiError(500, f"generation failed (error id {getattr(exc, 'error_id', '-')})", "generation")
+                    return
+                yield item
+                item = await self._events.get()
+        finally:
+            self.job.cancel.set()  # a client that went away stops the generation
+
+
+_DONE = object()

@@ -35,10 +35,10 @@ def test_all_torch_work_runs_on_one_thread(pristine_models):
         worker.runner.model.forward = recorder(name, worker.runner.model.forward)
 
     async def scenario():
-        from service.tasks.text_generation import GenerationParameters
+        from service.tasks.text_generation import GenerationParameters, Prompt
 
         jobs = [workers[0].submit([t], ClassificationParameters()) for t in TEXTS[:3]]
-        jobs.append(workers[1].submit("Hello", GenerationParameters(max_new_tokens=2)))
+        jobs.append(workers[1].submit(Prompt("Hello"), GenerationParameters(max_new_tokens=2)))
         return await asyncio.gather(*(j.future for j in jobs))
 
     results = asyncio.run(scenario())
