@@ -27,7 +27,7 @@ from .memory import limit_arenas, trim_periodically
 from .metrics import Metrics
 from .openapi_doc import install_openapi
 from .registry import Registry
-from .routes import inference, models, ops
+from .routes import inference, models, openai, ops
 from .routes.deps import PUBLIC_PATHS, require_api_key
 from .settings import Settings
 
@@ -69,9 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"], expose_headers=["x-queue-time", "x-inference-time", "x-total-time"],
         )
     install_error_handlers(app)
-    for module in (ops, models, inference):
+    for module in (ops, models, inference, openai):
         app.include_router(module.router)
-    install_openapi(app)
+    install_openapi(app, openai.SCHEMAS)
     return app
 
 

@@ -23,7 +23,8 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        too_large = error_response(413, f"request body is larger than {self.limit} bytes", "payload_too_large")
+        path = scope.get("path", "")
+        too_large = error_response(413, f"request body is larger than {self.limit} bytes", "payload_too_large", path=path)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_large(scope, receive, send)
@@ -34,7 +35,7 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
                 slow = error_response(408, f"the request body took longer than {self.timeout:g}s to arrive",
-                                      "request_timeout", {"Connection": "close"})
+                                      "request_timeout", {"Connection": "close"}, path)
                 return await slow(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return

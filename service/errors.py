@@ -53,7 +53,21 @@ class ApiError(Exception):
         self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
 
 
-def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+# OpenAI's error "type" for our statuses (the openai client reads `error.message`, `type`, `code`, `param`).
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict | None = None,
+                   path: str = "") -> JSONResponse:
+    """`{"error", "error_type"}`, or on the OpenAI routes (/v1/...) OpenAI's
+    `{"error": {"message", "type", "param", "code"}}`."""
+    if path.startswith("/v1/"):
+        kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        field, sep, _ = message.partition(": ")
+        param = field if sep and " " not in field else None  # "messages.0.role: ..." names the field
+        code = "model_not_found" if error_type == "not_found" and "Model" in message else error_type
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
@@ -98,22 +112,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _ours(request: Request, exc: Exception):
         error = as_api_error(exc)
-        return error_response(error.status, error.message, error.error_type, error.headers)
+        return error_response(error.status, error.message, error.error_type, error.headers, request.url.path)
 
     for kind in (ApiError, ModelNotFound, ModelUnavailable):
         app.add_exception_handler(kind, _ours)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(422, describe_validation(exc.errors()), "validation")
+        return error_response(422, describe_validation(exc.errors()), "validation", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None), request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         error_id = uuid.uuid4().hex[:12]
         log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
-        return error_response(500, f"internal error (error id {error_id})", "internal")
+        return error_response(500, f"internal error (error id {error_id})", "internal", path=request.url.path)

@@ -65,13 +65,14 @@ INFERENCE_REQUEST = _inference_request()
 INFERENCE_RESPONSES = _inference_responses()
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, extra_models: tuple[type[BaseModel], ...] = ()) -> None:
     """Generate the document once, with the request and response schemas of every task."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             models = [(m, "validation") for t in TASKS.values() for m in t.json_requests]
+            models += [(m, "validation") for m in extra_models]
             models += [(m, "serialization") for m in dict.fromkeys(m for t in TASKS.values() for m in t.response_models)]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
             components = spec.setdefault("components", {}).setdefault("schemas", {})

@@ -1,14 +1,15 @@
 """Dependencies shared by the routes, as `Annotated` aliases: the app's settings, registry and
 metrics; the API key check; and, for inference, one request's record, admission and model lease.
 
-An inference request resolves, in order: `RequestRecord` (metrics and the log line, written when the
-response has been sent, streams included), `admit` (404 for an unknown model, then 429 over
-max_concurrent_requests), `lease_model` (503 while loading or failed; the model stays leased until
-the response has been sent, so a stream keeps its model and its slot until it ends).
+An inference request holds `serving(name)` until its response has been sent (streams included):
+its record (metrics, the log line), its admission slot (404 for an unknown model, 429 over
+max_concurrent_requests) and its model's lease (503 while loading or failed). `LeasedModel` is that
+for the model named in the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
@@ -18,9 +19,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..errors import ApiError, as_api_error
+from ..errors import ApiError, ModelNotFound, as_api_error
 from ..metrics import Metrics
-from ..registry import Entry, ModelNotFound, Registry
+from ..registry import Entry, Registry
 from ..settings import Settings
 
 log = logging.getLogger("service")
@@ -69,10 +70,30 @@ class InferenceRecord:
     started: float = field(default_factory=time.perf_counter)
 
 
-async def _record(name: str, registry: RegistryDep, metrics: MetricsDep) -> AsyncIterator[InferenceRecord]:
+@contextlib.asynccontextmanager
+async def serving(name: str, request: Request) -> AsyncIterator[Entry]:
+    """One inference request on model `name`: its record (metrics and the log line, written when the
+    block ends), admission (404 for an unknown model, then 429 over max_concurrent_requests) and the
+    model's lease (503 while loading or failed). Routes hold it until the response has been sent."""
+    state = request.app.state
+    registry, settings, metrics = state.registry, state.settings, state.metrics
     record = InferenceRecord(name, name if name in registry.entries else "unknown")
     try:
-        yield record
+        if name not in registry.entries:
+            raise ModelNotFound(name, registry.names())
+        if state.in_flight >= settings.max_concurrent_requests:
+            metrics.rejected.inc()
+            raise ApiError(429, f"server is at max_concurrent_requests ({settings.max_concurrent_requests}); retry later",
+                           "overloaded", {"Retry-After": "1"})
+        state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            async with registry.lease(name) as entry:
+                record.task = entry.task
+                yield entry
+        finally:
+            state.in_flight -= 1
+            metrics.in_flight.dec()
     except Exception as exc:
         error = as_api_error(exc)
         record.status, record.error_type = (error.status, error.error_type) if error else (500, "internal")
@@ -83,34 +104,12 @@ async def _record(name: str, registry: RegistryDep, metrics: MetricsDep) -> Asyn
         if record.error_type:
             metrics.errors.labels(record.label, record.error_type).inc()
         metrics.latency.labels(record.label).observe(elapsed)
-        log.info("POST /models/%s task=%s status=%s %.1fms", name, record.task, record.status, elapsed * 1000)
+        log.info("%s %s model=%s task=%s status=%s %.1fms", request.method, request.url.path, name, record.task,
+                 record.status, elapsed * 1000)
 
 
-RequestRecord = Annotated[InferenceRecord, Depends(_record)]
-
-
-async def _admit(name: str, record: RequestRecord, request: Request, registry: RegistryDep,
-                 settings: SettingsDep, metrics: MetricsDep) -> AsyncIterator[None]:
-    if name not in registry.entries:
-        raise ModelNotFound(name, registry.names())
-    state = request.app.state
-    if state.in_flight >= settings.max_concurrent_requests:
-        metrics.rejected.inc()
-        raise ApiError(429, f"server is at max_concurrent_requests ({settings.max_concurrent_requests}); retry later",
-                       "overloaded", {"Retry-After": "1"})
-    state.in_flight += 1
-    metrics.in_flight.inc()
-    try:
-        yield
-    finally:
-        state.in_flight -= 1
-        metrics.in_flight.dec()
-
-
-async def _lease(name: str, record: RequestRecord, _slot: Annotated[None, Depends(_admit)],
-                 registry: RegistryDep) -> AsyncIterator[Entry]:
-    async with registry.lease(name) as entry:
-        record.task = entry.task
+async def _lease(name: str, request: Request) -> AsyncIterator[Entry]:
+    async with serving(name, request) as entry:
         yield entry
 
 

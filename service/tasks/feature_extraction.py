@@ -12,6 +12,7 @@ sentence-similarity shape (`{"inputs": {"source_sentence", "sentences"}}`, what
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,14 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return summed / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)
 
 
+@dataclass
+class Embeddings:
+    """One request's vectors, and the tokens they cost (for OpenAI's usage counts)."""
+
+    vectors: list[list[float]]
+    tokens: int
+
+
 class FeatureExtractionRunner:
     labels = None
 
@@ -128,7 +137,7 @@ class FeatureExtractionRunner:
         hidden = self.model(**batch).last_hidden_state
         return pool(hidden.float(), batch["attention_mask"], self.pooling)
 
-    def run_batch(self, prepared: list[list[dict]], params: list[FeatureExtractionRequest]) -> list[list[list[float]]]:
+    def run_batch(self, prepared: list[list[dict]], params: list[FeatureExtractionRequest]) -> list[Embeddings]:
         flat = [enc for encs in prepared for enc in encs]
         vectors = self.encoder.forward_rows(flat, self._embed)
         options = [p for encs, p in zip(prepared, params, strict=True) for _ in encs]
@@ -139,7 +148,8 @@ class FeatureExtractionRunner:
             if p.normalize:
                 vector = torch.nn.functional.normalize(vector, dim=-1)
             rows.append(vector.tolist())
-        return split_rows(rows, prepared)
+        return [Embeddings(vectors, sum(len(e["input_ids"]) for e in encs))
+                for vectors, encs in zip(split_rows(rows, prepared), prepared, strict=True)]
 
     def smoke(self):
         batch = self.tokenizer(["Hello world"], return_tensors="pt")
@@ -180,15 +190,15 @@ class FeatureExtraction(ServedTask):
             texts = [body.inputs.source_sentence, *body.inputs.sentences]
             check_client_batch(texts, call.settings)
             check_request_chars(texts, call.settings)
-            vectors, job = await call.run(texts, FeatureExtractionRequest(inputs=texts), size=len(texts))
-            source = torch.tensor(vectors[0])
-            return call.json([float(source @ torch.tensor(v)) for v in vectors[1:]], job)
+            result, job = await call.run(texts, FeatureExtractionRequest(inputs=texts), size=len(texts))
+            source = torch.tensor(result.vectors[0])
+            return call.json([float(source @ torch.tensor(v)) for v in result.vectors[1:]], job)
         body = validate(FeatureExtractionRequest, data, strict=True)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_client_batch(texts, call.settings)
         check_request_chars(texts, call.settings)
-        vectors, job = await call.run(texts, body, size=len(texts))
-        return call.json(vectors, job)
+        result, job = await call.run(texts, body, size=len(texts))
+        return call.json(result.vectors, job)
 
 
 def _json(path: Path) -> dict:
