@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,7 @@ class ModelWorker:
         self.max_batch_tokens = settings.max_batch_tokens
         self.wait_s = settings.max_batch_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
+        self._on_stopped: Callable[[], None] | None = None
         self.batches = 0  # forward passes run
         self._last_jobs = 0  # jobs in the previous forward pass (worker thread only)
         self.largest_batch = 0  # most jobs in one forward pass
@@ -86,8 +88,9 @@ class ModelWorker:
         self._gauge()
         return job
 
-    def close(self) -> None:
-        """Finish the jobs already queued, then stop the thread."""
+    def close(self, on_stopped: Callable[[], None] | None = None) -> None:
+        """Finish the jobs already queued, then stop the thread (then call `on_stopped` on it)."""
+        self._on_stopped = on_stopped
         self._queue.put(_STOP)
 
     def join(self, timeout: float | None = None) -> None:
@@ -103,6 +106,8 @@ class ModelWorker:
             job = pending if pending is not None else self._queue.get()
             pending = None
             if job is _STOP:
+                if self._on_stopped is not None:
+                    self._on_stopped()
                 return
             if job.future.cancelled() or job.cancel.is_set():
                 continue

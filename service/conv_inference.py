@@ -44,7 +44,11 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
 
 
 def optimise_for_inference(model: torch.nn.Module) -> bool:
-    """Fold batch norms and switch to channels-last if the model has convolutions (eval mode)."""
+    """Fold batch norms and switch to channels-last if the model has convolutions (eval mode). A PEFT
+    model is left as it is: an adapter's delta is added after the convolution it wraps, so folding
+    the next batch norm into that convolution would change the answers."""
+    if hasattr(model, "peft_config"):
+        return False
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         return False
     fold_batchnorm(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,23 @@ from pathlib import Path
 log = logging.getLogger("service.folders")
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_CONFIG = "adapter_config.json"
+# PEFT's task types -> our tasks (a card's pipeline_tag wins over these)
+ADAPTER_TASKS = {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation", "FEATURE_EXTRACTION": "feature-extraction"}
 
 
 class InvalidFolder(Exception):
     """The folder is not a servable model; the message says why."""
+
+
+@dataclass
+class AdapterInfo:
+    """A PEFT adapter folder's base model: as written in adapter_config.json, and where it was found
+    (None: a Hub id, fetched when loading)."""
+
+    base: str
+    base_path: Path | None
+    task_type: str | None
 
 
 @dataclass
@@ -32,6 +46,7 @@ class FolderInfo:
     card: dict
     metrics: list[dict]
     results: dict | None
+    adapter: AdapterInfo | None = None
 
     @property
     def labels(self) -> list[str] | None:
@@ -51,7 +66,8 @@ def is_candidate(path: Path) -> bool:
 
 
 def folder_signature(path: Path) -> tuple:
-    """What changes when a folder is written, replaced or swapped: its files' names, sizes, mtimes."""
+    """What changes when a folder is written, replaced or swapped: its files' names, sizes, mtimes
+    (an adapter's, its sibling base folder's too, so that a new base reloads its adapters)."""
     try:
         stat = path.stat()
         files = sorted(
@@ -61,7 +77,44 @@ def folder_signature(path: Path) -> tuple:
         )
     except OSError:
         return ()
-    return (stat.st_ino, tuple(files))
+    signature = (stat.st_ino, tuple(files))
+    if (path / ADAPTER_CONFIG).is_file():
+        base = _adapter_base(path)
+        sibling = path.parent / base if base and "/" not in base else None
+        if sibling is not None and sibling.is_dir() and sibling != path:
+            signature += (folder_signature(sibling),)
+    return signature
+
+
+def _adapter_base(path: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return base if isinstance(base, str) and base else None
+    return None
+
+
+def read_adapter(path: Path, models_dir: Path | None) -> AdapterInfo | None:
+    """The base of a PEFT adapter folder: a sibling folder of that name in the models directory, a
+    local path, or (online only) a Hub id. None when the folder is not an adapter."""
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidFolder(f"{ADAPTER_CONFIG} does not parse ({exc})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise InvalidFolder(f"{ADAPTER_CONFIG} names no base_model_name_or_path")
+    candidates = [models_dir / base] if models_dir is not None and "/" not in base else []
+    candidates.append(Path(base).expanduser())
+    found = next((c.resolve() for c in candidates if (c / "config.json").is_file() and c.resolve() != path.resolve()), None)
+    if found is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        if offline or base.startswith(("/", ".", "~")) or base.count("/") > 1:
+            raise InvalidFolder(f"the adapter's base model {base!r} is neither a folder of the models directory nor "
+                                "a local model folder" + (", and the Hub is offline (HF_HUB_OFFLINE)" if offline else ""))
+    return AdapterInfo(base, found, config.get("task_type"))
 
 
 def read_card(path: Path) -> dict:
@@ -154,29 +207,53 @@ def detect_task(path: Path, card: dict, config: dict) -> str:
     )
 
 
-def inspect_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
-    """Validate a folder without loading weights; raises InvalidFolder with the reason.
-
-    Weights must be safetensors; pickle weights (`pytorch_model.bin`) count only with
-    `allow_pickle` (HF_SERVE_ALLOW_PICKLE) and when the folder has no safetensors.
-    """
-    from .tasks import TASKS
-
-    config_file = path / "config.json"
+def _read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
     if not config_file.is_file():
-        raise InvalidFolder("no config.json")
+        raise InvalidFolder("no config.json" if folder.name else "the base model has no config.json")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InvalidFolder(f"config.json does not parse ({exc})") from None
     if not isinstance(config, dict):
         raise InvalidFolder("config.json is not a JSON object")
-    _check_weights(path, allow_pickle)
+    return config
+
+
+def inspect_folder(path: Path, allow_pickle: bool = False, models_dir: Path | None = None) -> FolderInfo:
+    """Validate a folder without loading weights; raises InvalidFolder with the reason.
+
+    Weights must be safetensors; pickle weights (`pytorch_model.bin`) count only with
+    `allow_pickle` (HF_SERVE_ALLOW_PICKLE) and when the folder has no safetensors. A PEFT adapter
+    folder (adapter_config.json + adapter_model.safetensors) needs its base (`read_adapter`); its own
+    config.json (the fine-tuned labels), else the base's, says what the model is.
+    """
+    from .tasks import TASKS
+
+    adapter = read_adapter(path, models_dir)
+    if adapter is None:
+        config = _read_config(path)
+        _check_weights(path, allow_pickle)
+    else:
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise InvalidFolder("adapter_config.json without adapter_model.safetensors" +
+                                (" (adapter_model.bin is not loaded)" if (path / "adapter_model.bin").is_file() else ""))
+        _check_safetensors(weights)
+        if (path / "config.json").is_file():
+            config = _read_config(path)
+        else:
+            config = _read_config(adapter.base_path) if adapter.base_path is not None else {}
 
     card = read_card(path)
-    name = detect_task(path, card, config)
+    if adapter is not None and "pipeline_tag" not in card and adapter.task_type in ADAPTER_TASKS:
+        card_for_task = {**card, "pipeline_tag": ADAPTER_TASKS[adapter.task_type]}
+    else:
+        card_for_task = card
+    name = detect_task(path, card_for_task, config)
     task = TASKS[name]
-    if not any((path / f).is_file() for f in task.processor_files):
+    processor_in = [path] + ([adapter.base_path] if adapter is not None and adapter.base_path is not None else [])
+    if not any((folder / f).is_file() for folder in processor_in for f in task.processor_files):
         raise InvalidFolder(f"no {task.processor_description}")
 
     results = None
@@ -185,4 +262,5 @@ def inspect_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
         with contextlib.suppress(OSError, ValueError):
             results = json.loads(results_file.read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
-    return FolderInfo(name, architectures[0] if architectures else None, config, card, card_metrics(card), results)
+    return FolderInfo(name, architectures[0] if architectures else None, config, card, card_metrics(card), results,
+                      adapter)

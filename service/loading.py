@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .folders import FolderInfo, InvalidFolder
+from .folders import FolderInfo, InvalidFolder, read_adapter
 from .settings import Settings
 
 log = logging.getLogger("service.loading")
+# Any of these in an adapter folder means it brings its own processor.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "preprocessor_config.json")
 
 
 def load_runner(path: Path, info: FolderInfo, settings: Settings) -> Any:
@@ -34,34 +36,52 @@ def load_runner(path: Path, info: FolderInfo, settings: Settings) -> Any:
     return runner
 
 
-def load_model(model_cls, path: Path, settings: Settings, task: str,
-               ignore_missing: Callable[[str], bool] = lambda key: False):
-    """`model_cls.from_pretrained` under the server's rules, on the configured device, in eval mode.
-    Weights the head needs but the folder lacks fail the folder (a base model without a head)."""
+def _from_pretrained(model_cls, source, settings: Settings, local: bool, **kwargs):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        model, loading = model_cls.from_pretrained(
-            path, use_safetensors=None if settings.allow_pickle else True,
-            trust_remote_code=False, local_files_only=True, disable_mmap=True,
-            dtype=settings.resolved_dtype(), output_loading_info=True,
+        return model_cls.from_pretrained(
+            source, use_safetensors=None if settings.allow_pickle else True,
+            trust_remote_code=False, local_files_only=local, disable_mmap=True,
+            dtype=settings.resolved_dtype(), output_loading_info=True, **kwargs,
         )
     except Exception as exc:
         raise InvalidFolder(f"weights do not load: {type(exc).__name__}: {str(exc)[:300]}") from None
-    missing = sorted(k for k in loading.get("missing_keys") or [] if not ignore_missing(k))
+
+
+def _refuse_missing(missing: list[str], task: str) -> None:
     if missing:
         raise InvalidFolder(
             f"{task} needs weights the folder lacks ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
             "is this a base model without a fine-tuned head?"
         )
+
+
+def load_model(model_cls, path: Path, settings: Settings, task: str,
+               ignore_missing: Callable[[str], bool] = lambda key: False):
+    """`model_cls.from_pretrained` under the server's rules, on the configured device, in eval mode.
+    Weights the head needs but the folder lacks fail the folder (a base model without a head).
+    A PEFT adapter folder loads its base, then the adapter (service/adapters.py)."""
+    adapter = read_adapter(path, settings.models_dir)
+    if adapter is not None:
+        from .adapters import load_adapter_model
+
+        return load_adapter_model(model_cls, path, adapter, settings, task, ignore_missing)
+    model, loading = _from_pretrained(model_cls, path, settings, local=True)
+    _refuse_missing(sorted(k for k in loading.get("missing_keys") or [] if not ignore_missing(k)), task)
     return model.to(settings.resolved_device()).eval()
 
 
-def load_processor(processor_cls, path: Path):
-    """A tokenizer or image processor from the folder alone."""
+def load_processor(processor_cls, path: Path, settings: Settings):
+    """A tokenizer or image processor from the folder (an adapter without one: from its base)."""
+    source = path
+    adapter = read_adapter(path, settings.models_dir)
+    if adapter is not None and not any((path / f).is_file() for f in PROCESSOR_FILES):
+        source = adapter.base_path or adapter.base
     try:
-        return processor_cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return processor_cls.from_pretrained(source, local_files_only=source is path or adapter.base_path is not None,
+                                             trust_remote_code=False)
     except Exception as exc:
         raise InvalidFolder(f"processor does not load: {type(exc).__name__}: {str(exc)[:300]}") from None
 

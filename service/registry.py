@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import torch_thread
+from .adapters import unload
 from .errors import ModelNotFound, ModelUnavailable
 from .folders import FolderInfo, InvalidFolder, folder_signature, inspect_folder, is_candidate
 from .loading import load_runner
@@ -74,7 +75,8 @@ class Entry:
 
     def _maybe_close(self) -> None:
         if self.retired and self.users == 0 and self.worker is not None:
-            self.worker.close()
+            runner = self.runner
+            self.worker.close(on_stopped=lambda: torch_thread.run(unload, runner.model))
             self.worker = None
 
 
@@ -140,7 +142,7 @@ class Registry:
                     summary["unchanged"].append(name)
                     continue
                 try:
-                    info = await asyncio.to_thread(inspect_folder, path, self.settings.allow_pickle)
+                    info = await asyncio.to_thread(inspect_folder, path, self.settings.allow_pickle, self.models_dir)
                 except InvalidFolder as exc:
                     self._reject(name, path, sig, old, str(exc))
                     summary["failed"].append(name)

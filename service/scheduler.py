@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -127,7 +128,8 @@ _PARAMETERS: dict[type, frozenset[str]] = {}
 
 
 def _forward_parameters(model) -> frozenset[str]:
-    kind = type(model)
+    # a PEFT model passes keyword arguments through to the transformers model it wraps
+    kind = type(model.get_base_model()) if hasattr(model, "peft_config") else type(model)
     if kind not in _PARAMETERS:
         _PARAMETERS[kind] = frozenset(inspect.signature(kind.forward).parameters)
     return _PARAMETERS[kind]
@@ -163,6 +165,7 @@ class GenerationScheduler:
         self.batches = 0  # decoding steps run
         self.largest_batch = 0  # most sequences in one step
         self._closing = False
+        self._on_stopped: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"generate-{name}", daemon=True)
         self._thread.start()
 
@@ -174,8 +177,10 @@ class GenerationScheduler:
         self.metrics.queue_depth.labels(self.name).set(self._queue.qsize() + len(self._waiting))
         return job
 
-    def close(self) -> None:
-        """Finish the sequences in flight and those queued, then stop the thread."""
+    def close(self, on_stopped: Callable[[], None] | None = None) -> None:
+        """Finish the sequences in flight and those queued, then stop the thread (then call
+        `on_stopped` on it)."""
+        self._on_stopped = on_stopped
         self._queue.put(_STOP)
 
     def join(self, timeout: float | None = None) -> None:
@@ -186,6 +191,8 @@ class GenerationScheduler:
         while True:
             self._take(block=not self._active and not self._waiting)
             if self._closing and not self._active and not self._waiting:
+                if self._on_stopped is not None:
+                    self._on_stopped()
                 return
             admitted = self._admit()
             try:

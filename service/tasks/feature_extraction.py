@@ -180,7 +180,7 @@ class FeatureExtraction(ServedTask):
         model = load_model(AutoModel, path, settings, self.name, ignore_missing=lambda key: key.startswith("pooler."))
         st_config = _json(path / "sentence_bert_config.json")
         prompts = _json(path / "config_sentence_transformers.json").get("prompts") or {}
-        return FeatureExtractionRunner(model, load_processor(AutoTokenizer, path), settings, pooling,
+        return FeatureExtractionRunner(model, load_processor(AutoTokenizer, path, settings), settings, pooling,
                                        st_config.get("max_seq_length"), {str(k): str(v) for k, v in prompts.items()})
 
     async def handle(self, request: Request, call: Call) -> Response:

@@ -163,7 +163,7 @@ class ImageClassification(ServedTask):
         from ..loading import load_model, load_processor
 
         model = load_model(AutoModelForImageClassification, path, settings, self.name)
-        return ImageClassificationRunner(model, load_processor(AutoImageProcessor, path))
+        return ImageClassificationRunner(model, load_processor(AutoImageProcessor, path, settings))
 
     async def handle(self, request: Request, call: Call) -> Response:
         raw, params = await read_image_request(request, ImageClassificationRequest, ClassificationParameters)

@@ -70,7 +70,7 @@ class TextClassification(ServedTask):
         from ..loading import load_model, load_processor
 
         model = load_model(AutoModelForSequenceClassification, path, settings, self.name)
-        return TextClassificationRunner(model, load_processor(AutoTokenizer, path), settings)
+        return TextClassificationRunner(model, load_processor(AutoTokenizer, path, settings), settings)
 
     async def handle(self, request: Request, call: Call) -> Response:
         body = await read_json(request, TextClassificationRequest)

@@ -288,7 +288,7 @@ class TextGeneration(ServedTask):
         from ..loading import load_model, load_processor
 
         model = load_model(AutoModelForCausalLM, path, settings, self.name)
-        return TextGenerationRunner(model, load_processor(AutoTokenizer, path), settings)
+        return TextGenerationRunner(model, load_processor(AutoTokenizer, path, settings), settings)
 
     async def handle(self, request: Request, call: Call) -> Response:
         body = await read_json(request, TextGenerationRequest)
