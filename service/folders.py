@@ -47,6 +47,7 @@ class FolderInfo:
     metrics: list[dict]
     results: dict | None
     adapter: AdapterInfo | None = None
+    chat_template: bool = False
 
     @property
     def labels(self) -> list[str] | None:
@@ -262,5 +263,15 @@ def inspect_folder(path: Path, allow_pickle: bool = False, models_dir: Path | No
         with contextlib.suppress(OSError, ValueError):
             results = json.loads(results_file.read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
+    chat = any(_has_chat_template(folder) for folder in processor_in)
     return FolderInfo(name, architectures[0] if architectures else None, config, card, card_metrics(card), results,
-                      adapter)
+                      adapter, chat)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """A tokenizer with a chat template: chat_template.jinja, or the key in tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    return False

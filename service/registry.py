@@ -67,6 +67,7 @@ class Entry:
             "metrics": info.metrics if info else [],
             "results": info.results if info else None,
             "loaded_at": self.loaded_at,
+            "chat_template": bool(info and info.chat_template),
         }
 
     def retire(self) -> None:

@@ -27,6 +27,7 @@ class ModelInfo(BaseModel):
     metrics: list[dict[str, Any]] = Field(default_factory=list, description="Eval results from the card's model-index.")
     results: dict[str, Any] | None = Field(None, description="all_results.json, when present.")
     loaded_at: float | None = None
+    chat_template: bool = Field(False, description="Its tokenizer has a chat template: /v1/chat/completions serves it.")
 
 
 class ModelList(BaseModel):

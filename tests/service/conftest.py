@@ -16,6 +16,7 @@ from service_helpers import (
     build_failing_bert,
     build_tiny_bert,
     build_tiny_gpt2,
+    build_tiny_llama_chat,
     build_tiny_mobilenet_v2,
     build_tiny_resnet,
     build_tiny_sentence_encoder,
@@ -42,6 +43,7 @@ def pristine_models(tmp_path_factory) -> Path:
     build_tiny_resnet(root / "resnet")  # no card
     build_failing_bert(root / "fragile")
     build_tiny_sentence_encoder(root / "embedder", pooling="cls_token")  # no card: modules.json says it
+    build_tiny_llama_chat(root / "chatty")  # a chat template
     # broken folders
     shutil.copytree(root / "sentiment", root / "corrupt")
     weights = root / "corrupt" / "model.safetensors"

@@ -28,6 +28,7 @@ from service.settings import Settings  # noqa: E402
 from tests.tiny_models import (  # noqa: E402, F401  (re-exported for conftest)
     build_tiny_bert,
     build_tiny_gpt2,
+    build_tiny_llama_chat,
     build_tiny_mobilenet_v2,
     build_tiny_resnet,
     build_tiny_sentence_encoder,
@@ -83,7 +84,7 @@ def build_failing_bert(out: Path) -> Path:
     return out
 
 
-GOOD = ["sentiment", "topics", "writer", "gpt2-cls", "mobilenet", "resnet", "fragile", "embedder"]
+GOOD = ["sentiment", "topics", "writer", "gpt2-cls", "mobilenet", "resnet", "fragile", "embedder", "chatty"]
 BROKEN = ["corrupt", "no-config", "base-bert"]
 
 

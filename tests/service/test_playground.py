@@ -94,3 +94,23 @@ def test_compare_sentences(page, http):
                                                              "sentences": ["a quiet night", "stock prices fell"]}}).json()
     assert [label for label, _ in shown] == ["a quiet night", "stock prices fell"]
     assert [score for _, score in shown] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_conversation(page):
+    card = page.locator('[data-model="chatty"]')
+    for n, text in enumerate(["Hello there", "And then?"], start=1):
+        card.locator("textarea").fill(text)
+        card.get_by_role("button", name="Send").click()
+        page.wait_for_selector(f'[data-model="chatty"] .turn.assistant[data-done="true"] >> nth={n - 1}')
+    assert card.locator(".turn.user").all_inner_texts() == ["Hello there", "And then?"]
+    assert card.locator(".turn.assistant").count() == 2 and "tokens" in card.locator(".timing").inner_text()
+    writer = page.locator('[data-model="writer"]')  # no chat template: the plain generation form
+    assert writer.get_by_role("button", name="Generate").count() == 1
+
+
+@pytest.mark.slow
+def test_example_buttons_fill_the_inputs(page):
+    card = page.locator('[data-model="sentiment"]')
+    card.get_by_role("button", name="Example").click()
+    assert card.locator("textarea").input_value() == "A gorgeous, witty, seductive movie."
