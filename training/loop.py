@@ -4,6 +4,9 @@ Plain PyTorch: Accelerate contributes `prepare`, `accumulate`, `backward`, `gath
 and `save_state`/`load_state`. Resuming is exact: the data order of every epoch is a function
 of (seed, epoch) (see sampler.py), the checkpoint holds model, optimizer, scheduler and RNG
 states, and the batches of the interrupted epoch that were already consumed are skipped.
+
+All training state lives in the run folder (`runs/<name>/checkpoints/`: `step_N` checkpoints and
+`best`, the best weights so far), never in the model folder that export writes.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 
 try:
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from training.config import ConfigError, FinetuneConfig
+from training.config import ConfigError, FinetuneConfig, run_folder
 from training.export import replace_dir
 from training.sampler import EpochShuffleSampler
 from training.tasks.base import TaskBundle
@@ -39,9 +40,6 @@ from training.tasks.base import TaskBundle
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-# Tests set this to SIGKILL the run right after an optimizer step: exactly what `kill -9` at
-# that moment does (no cleanup, no flush), without racing a timer.
-_KILL_AT_STEP = int(os.environ.get("FINETUNE_KILL_AT_STEP", "0")) or None
 BEST_DIR = "best"
 
 
@@ -97,7 +95,8 @@ class TrainResult:
 
 
 def checkpoints_dir(config: FinetuneConfig) -> Path:
-    return Path(config.output_dir) / "checkpoints"
+    """`<run folder>/checkpoints`: the `step_N` checkpoints and the best model of a run."""
+    return run_folder(config) / "checkpoints"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -106,22 +105,6 @@ def list_checkpoints(folder: Path) -> list[Path]:
         return []
     found = [p for p in folder.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def resolve_resume(config: FinetuneConfig) -> Path | None:
-    """The checkpoint folder to resume from, or None to start fresh."""
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = list_checkpoints(checkpoints_dir(config))
-        if not found:
-            logger.warning("no checkpoint in %s: starting from scratch", checkpoints_dir(config))
-            return None
-        return found[-1]
-    path = Path(config.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
-    return path
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -270,8 +253,10 @@ def _scalars(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) -> TrainResult:
-    """Fine-tune `bundle.model`; return the state, the best model folder and final metrics."""
+def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
+          resume_dir: Path | None = None) -> TrainResult:
+    """Fine-tune `bundle.model` (from the checkpoint `resume_dir` if given); return the state, the
+    best model folder and final metrics."""
     model = bundle.model
     optimizer = _optimizer(model, config)
     train_dl, eval_dl, test_dl = _dataloaders(bundle, config)
@@ -290,7 +275,6 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
     accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
-    resume_dir = resolve_resume(config)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         state = TrainerState.load(resume_dir)
@@ -380,8 +364,6 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
 
             scheduler.step()
             state.global_step += 1
-            if state.global_step == _KILL_AT_STEP:  # fault injection for the resume tests
-                os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
             if state.global_step % config.logging_steps == 0 or state.global_step == max_steps:
                 mean_loss = float(accelerator.reduce(running_loss / max(running_count, 1), reduction="mean"))
