@@ -58,9 +58,14 @@ def check_folders(config: FinetuneConfig) -> RunPlan:
     """Refuse to clobber a foreign folder or silently restart an earlier run; find the checkpoint to
     resume from. Only reads: nothing is written until the data has been checked too."""
     out, run = Path(config.output_dir), run_folder(config)
-    for flag, folder in (("--output_dir", out), ("--run_dir", run)):
+    # Export writes a temporary folder beside the model folder; checkpoints go inside the run folder.
+    for flag, folder, written in (("--output_dir", out, out.parent), ("--run_dir", run, run)):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{flag} {folder} is a file")
+        existing = next(p for p in (written.absolute(), *written.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {folder} cannot be written ({existing} is not a writable folder); "
+                              f"choose another one with {flag}")
     ckpts, legacy = checkpoints_dir(config), legacy_checkpoints_dir(config)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     ours = (out / RESULTS_FILE).is_file() or legacy.is_dir()

@@ -53,6 +53,17 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(tiny_bert,
     assert (tmp_path / "models" / "finetuned" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("flag", ["--output_dir", "--run_dir"])
+def test_a_folder_that_cannot_be_written_is_refused_up_front(flag, tiny_bert, rt_small, tmp_path, capsys):
+    """Not after the first evaluation, when the best model is saved (a read-only mount, a file in the way)."""
+    train, test = rt_small
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(_args(tiny_bert, train, test, flag, "notes.txt/run")) == 2
+    assert (f"error: {flag} notes.txt/run cannot be written ({tmp_path / 'notes.txt'} is not a writable folder)"
+            in capsys.readouterr().err)
+    assert _names(tmp_path) == ["notes.txt"]
+
+
 def test_only_a_complete_checkpoint_is_an_earlier_run(tiny_bert, rt_small, tmp_path, capsys, caplog):
     train, test = rt_small
     caplog.set_level(logging.INFO, logger="training")
