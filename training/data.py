@@ -3,12 +3,13 @@
 The result always has a `train` and a `validation` split (split off train, seeded, when the
 source has none) and optionally `test`. Classification labels are normalised to integer ids
 with real class names (`LabelSpace`), whatever the source used (ClassLabel, strings, ints).
+Decisions taken on the way (the per-class split size of Caltech101's layout) come back with the
+splits in `RawData`; the config is only read, so the run's saved config is what the user asked for.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,19 @@ def _split_per_class(ds: Dataset, label_column: str, per_class: int, seed: int) 
     return DatasetDict({"train": ds.select(sorted(train_idx)), "validation": ds.select(sorted(eval_idx))})
 
 
-def _load_image_dirs(config: FinetuneConfig) -> DatasetDict:
+@dataclass(frozen=True)
+class RawData:
+    """The loaded splits and what loading decided about them."""
+
+    splits: DatasetDict
+    """`train`, `validation` and optionally `test`."""
+    train_samples_per_class: int | None = None
+    """Training examples per class when validation was split off per class (Caltech101's layout gets
+    the usual 30 unless --train_samples_per_class says otherwise); None without such a split."""
+
+
+def _load_image_dirs(config: FinetuneConfig) -> tuple[DatasetDict, int | None]:
+    """The image folders, and the per-class split size to use when there is no validation folder."""
     root = Path(config.train_dir)  # type: ignore[arg-type]
     is_caltech = (root / "101_ObjectCategories").is_dir() or (root / CALTECH_BACKGROUND).is_dir()
     root, classes = find_class_folders(root, config.drop_background_class)
@@ -142,25 +155,29 @@ def _load_image_dirs(config: FinetuneConfig) -> DatasetDict:
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             raise ConfigError(f"validation classes not in training data: {', '.join(unknown[:5])}")
-        return DatasetDict({"train": train, "validation": _image_folder(val_root, classes, config)})
-    if is_caltech and config.train_samples_per_class is None:
-        config.train_samples_per_class = 30  # the usual Caltech101 protocol
-    return DatasetDict({"train": train})
+        return DatasetDict({"train": train, "validation": _image_folder(val_root, classes, config)}), None
+    per_class = config.train_samples_per_class
+    if is_caltech and per_class is None:
+        per_class = 30  # the usual Caltech101 protocol
+    return DatasetDict({"train": train}), per_class
 
 
-def load_raw_datasets(config: FinetuneConfig) -> DatasetDict:
+def load_raw_datasets(config: FinetuneConfig) -> RawData:
     """Load train/validation(/test) splits from the configured source, subsampled if asked."""
+    per_class = config.train_samples_per_class
     if config.train_dir:
-        raw = _load_image_dirs(config)
+        raw, per_class = _load_image_dirs(config)
     elif config.train_file:
         raw = _load_files(config)
     else:
         raw = _load_hub(config)
-    if "validation" not in raw and config.train_samples_per_class:
+    if "validation" in raw:
+        per_class = None  # the source has validation data: no per-class split
+    elif per_class:
         if config.label_column not in raw["train"].column_names:
             raise ConfigError(f"label column {config.label_column!r} not found; "
                               f"columns are: {', '.join(raw['train'].column_names)}")
-        split = _split_per_class(raw["train"], config.label_column, config.train_samples_per_class, config.seed)
+        split = _split_per_class(raw["train"], config.label_column, per_class, config.seed)
         raw["train"], raw["validation"] = split["train"], split["validation"]
     if "validation" not in raw:
         split = raw["train"].train_test_split(
@@ -174,7 +191,7 @@ def load_raw_datasets(config: FinetuneConfig) -> DatasetDict:
     for split, ds in raw.items():
         if len(ds) == 0:
             raise ConfigError(f"the {split} split is empty")
-    return raw
+    return RawData(raw, per_class)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +290,3 @@ def encode_labels(raw: DatasetDict, label_column: str, label_names: list[str] | 
                           "classification needs at least two")
     return encoded, LabelSpace(names)
 
-
-def cpu_count() -> int:
-    """Cores usable by this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -2,9 +2,9 @@
 
 Everything is written into a hidden folder beside the target (`.<name>.export-<id>`) and
 swapped into place in one rename, so a reader (the server, a copy) sees the previous model
-or the new one, never half of either. The run's `checkpoints/` stays in the target until the
-swap is done and then moves into the new folder, so a crash at any point leaves the checkpoints
-findable (`recover_interrupted_export` moves them back after a kill -9 between those two steps).
+or the new one, never half of either. The model folder holds the model and nothing else: the
+training state stays in the run folder (loop.py), so export never has to carry it across.
+A kill -9 part-way leaves at most a hidden folder beside the target, which the next export removes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import uuid
 from pathlib import Path
 
@@ -34,9 +33,6 @@ RUN_CONFIG_FILE = "training_config.yaml"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 EXPORT_PREFIX = ".{name}.export-"
-# Tests set FINETUNE_EXPORT_FAULT=<stage>:<raise|kill> to fail the export for real at a stage
-# (weights, processor, card, swap, after-swap): "raise" is a disk-full OSError, "kill" a SIGKILL.
-_EXPORT_FAULT = os.environ.get("FINETUNE_EXPORT_FAULT", "")
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -58,15 +54,6 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _fault(stage: str) -> None:
-    """Fault injection for the tests (FINETUNE_EXPORT_FAULT); a no-op otherwise."""
-    if not _EXPORT_FAULT or _EXPORT_FAULT.split(":")[0] != stage:
-        return
-    if _EXPORT_FAULT.endswith(":kill"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise OSError(errno.ENOSPC, f"No space left on device (injected by FINETUNE_EXPORT_FAULT at {stage})")
-
-
 def replace_dir(tmp: Path, target: Path) -> Path | None:
     """Make the complete folder `tmp` appear at `target` (one atomic exchange where the OS has
     renameat2, else two renames: a brief window without a folder, never a half one).
@@ -86,33 +73,22 @@ def replace_dir(tmp: Path, target: Path) -> Path | None:
 
 
 def swap_into_place(tmp: Path, target: Path) -> None:
-    """Make the complete folder `tmp` appear at `target`; the old target's `checkpoints/` moves into
-    the new folder, the rest of the old target is removed."""
+    """Make the complete folder `tmp` appear at `target`; the previous content is then removed."""
     old = replace_dir(tmp, target)
-    if old is None:
-        return
-    try:
-        _fault("after-swap")
-    finally:
-        if (old / "checkpoints").is_dir() and not (target / "checkpoints").exists():
-            (old / "checkpoints").rename(target / "checkpoints")  # same filesystem: a rename, not a copy
-    shutil.rmtree(old)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def recover_interrupted_export(target: Path) -> None:
-    """Clean up after an export that was killed: hidden `.<name>.export-*` folders beside `target` are
-    removed, after moving back training checkpoints that one of them may hold (a kill between the
-    swap and the move of `checkpoints/`)."""
+    """Remove what an export that was killed left beside `target`: hidden `.<name>.export-*` and
+    `.<name>.old-*` folders (a new model not yet swapped in, or the previous one not yet removed)."""
     target = Path(target).resolve()
     if not target.parent.is_dir():
         return
     prefix = EXPORT_PREFIX.format(name=target.name)
-    stale = [p for p in target.parent.iterdir() if p.name.startswith(prefix) or p.name.startswith(f".{target.name}.old-")]
-    for folder in stale:
-        if (folder / "checkpoints").is_dir() and target.is_dir() and not (target / "checkpoints").exists():
-            (folder / "checkpoints").rename(target / "checkpoints")
-            logger.warning("recovered %s/checkpoints from an interrupted export", target)
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in target.parent.iterdir():
+        if folder.name.startswith(prefix) or folder.name.startswith(f".{target.name}.old-"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _make_readable(folder: Path) -> None:
@@ -236,6 +212,38 @@ def plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------
+# The export, one function per file group.
+
+
+def write_weights(best_dir: Path, folder: Path) -> None:
+    """Copy the best model's `save_pretrained` files (config, safetensors weights) into `folder`."""
+    copied = [f for f in MODEL_FILES if (best_dir / f).is_file()]
+    copied += [p.name for p in best_dir.glob("model-*.safetensors")]  # shards of large models
+    if "config.json" not in copied or not any(f.endswith(".safetensors") for f in copied):
+        raise RuntimeError(f"best checkpoint {best_dir} is incomplete")
+    for name in copied:
+        shutil.copy2(best_dir / name, folder / name)
+
+
+def write_processor(processor, folder: Path) -> None:
+    """The tokenizer or image processor, next to the weights."""
+    processor.save_pretrained(folder)
+
+
+def write_results(config: FinetuneConfig, bundle: TaskBundle, results: dict, history: list[dict],
+                  folder: Path) -> None:
+    """all_results.json, the run's config and the training curves."""
+    (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    plot_curves(history, bundle.main_metric, folder / CURVES_FILE)
+
+
+def write_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict, folder: Path) -> None:
+    """The model card README.md."""
+    build_model_card(config, bundle, results, world).save(folder / "README.md")
+
+
 def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, results: dict,
                  history: list[dict], world: dict) -> Path:
     """Assemble the model folder from the best checkpoint and swap it into `config.output_dir`."""
@@ -245,22 +253,11 @@ def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, res
     tmp = target.with_name(EXPORT_PREFIX.format(name=target.name) + uuid.uuid4().hex[:8])
     try:
         tmp.mkdir()
-        copied = [f for f in MODEL_FILES if (best_dir / f).is_file()]
-        copied += [p.name for p in best_dir.glob("model-*.safetensors")]  # shards of large models
-        if "config.json" not in copied or not any(f.endswith(".safetensors") for f in copied):
-            raise RuntimeError(f"best checkpoint {best_dir} is incomplete")
-        for name in copied:
-            shutil.copy2(best_dir / name, tmp / name)
-        _fault("weights")
-        bundle.processor.save_pretrained(tmp)
-        _fault("processor")
-        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        (tmp / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        plot_curves(history, bundle.main_metric, tmp / CURVES_FILE)
-        build_model_card(config, bundle, results, world).save(tmp / "README.md")
-        _fault("card")
+        write_weights(best_dir, tmp)
+        write_processor(bundle.processor, tmp)
+        write_results(config, bundle, results, history, tmp)
+        write_card(config, bundle, results, world, tmp)
         _make_readable(tmp)
-        _fault("swap")
         swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

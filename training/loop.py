@@ -4,6 +4,9 @@ Plain PyTorch: Accelerate contributes `prepare`, `accumulate`, `backward`, `gath
 and `save_state`/`load_state`. Resuming is exact: the data order of every epoch is a function
 of (seed, epoch) (see sampler.py), the checkpoint holds model, optimizer, scheduler and RNG
 states, and the batches of the interrupted epoch that were already consumed are skipped.
+
+All training state lives in the run folder (`runs/<name>/checkpoints/`: `step_N` checkpoints and
+`best`, the best weights so far), never in the model folder that export writes.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 
 try:
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from training.config import ConfigError, FinetuneConfig
+from training.config import ConfigError, FinetuneConfig, run_folder
 from training.export import replace_dir
 from training.sampler import EpochShuffleSampler
 from training.tasks.base import TaskBundle
@@ -39,9 +40,6 @@ from training.tasks.base import TaskBundle
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-# Tests set this to SIGKILL the run right after an optimizer step: exactly what `kill -9` at
-# that moment does (no cleanup, no flush), without racing a timer.
-_KILL_AT_STEP = int(os.environ.get("FINETUNE_KILL_AT_STEP", "0")) or None
 BEST_DIR = "best"
 
 
@@ -64,6 +62,11 @@ class TrainerState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     log_history: list[dict] = field(default_factory=list)
+    unlogged_loss: float = 0.0
+    """Sum of the training losses since the last logged one (mean over processes), so that the first
+    loss logged after a resume averages the same batches as in an uninterrupted run."""
+    unlogged_batches: int = 0
+    """Micro-batches summed in unlogged_loss."""
 
     def save(self, folder: Path) -> None:
         (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -92,7 +95,8 @@ class TrainResult:
 
 
 def checkpoints_dir(config: FinetuneConfig) -> Path:
-    return Path(config.output_dir) / "checkpoints"
+    """`<run folder>/checkpoints`: the `step_N` checkpoints and the best model of a run."""
+    return run_folder(config) / "checkpoints"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -101,22 +105,6 @@ def list_checkpoints(folder: Path) -> list[Path]:
         return []
     found = [p for p in folder.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def resolve_resume(config: FinetuneConfig) -> Path | None:
-    """The checkpoint folder to resume from, or None to start fresh."""
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = list_checkpoints(checkpoints_dir(config))
-        if not found:
-            logger.warning("no checkpoint in %s: starting from scratch", checkpoints_dir(config))
-            return None
-        return found[-1]
-    path = Path(config.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
-    return path
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -217,22 +205,28 @@ def _optimizer(model: torch.nn.Module, config: FinetuneConfig) -> torch.optim.Op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
-def _dataloaders(bundle: TaskBundle, config: FinetuneConfig) -> tuple[DataLoader, DataLoader, DataLoader | None,
-                                                                        EpochShuffleSampler]:
+def _dataloaders(bundle: TaskBundle, config: FinetuneConfig) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    # Each loader draws a seed from its generator whenever an iterator is created; without one of its
+    # own it draws from the global torch RNG, which dropout and augmentations use. Resuming mid-epoch
+    # creates one iterator more than the uninterrupted run did (the one skipping the consumed batches),
+    # so with the global RNG every dropout mask after a resume would differ from the uninterrupted run's.
+    def own_generator() -> torch.Generator:
+        return torch.Generator().manual_seed(config.seed)
+
     sampler = EpochShuffleSampler(len(bundle.train_dataset), config.seed, bundle.train_lengths,
                                   config.per_device_train_batch_size)
     train = DataLoader(bundle.train_dataset, batch_size=config.per_device_train_batch_size, sampler=sampler,
-                       collate_fn=bundle.collate_fn)
+                       collate_fn=bundle.collate_fn, generator=own_generator())
 
     def eval_loader(dataset, lengths) -> DataLoader:
         # Evaluating in length order pads least; order does not change the metrics.
         order = list(np.argsort(lengths, kind="stable")) if lengths else None
         return DataLoader(dataset, batch_size=config.per_device_eval_batch_size, sampler=order,
-                          collate_fn=bundle.collate_fn)
+                          collate_fn=bundle.collate_fn, generator=own_generator())
 
     evaluation = eval_loader(bundle.eval_dataset, bundle.eval_lengths)
     test = eval_loader(bundle.test_dataset, None) if bundle.test_dataset is not None else None
-    return train, evaluation, test, sampler
+    return train, evaluation, test
 
 
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, bundle: TaskBundle) -> dict:
@@ -259,11 +253,13 @@ def _scalars(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) -> TrainResult:
-    """Fine-tune `bundle.model`; return the state, the best model folder and final metrics."""
+def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
+          resume_dir: Path | None = None) -> TrainResult:
+    """Fine-tune `bundle.model` (from the checkpoint `resume_dir` if given); return the state, the
+    best model folder and final metrics."""
     model = bundle.model
     optimizer = _optimizer(model, config)
-    train_dl, eval_dl, test_dl, sampler = _dataloaders(bundle, config)
+    train_dl, eval_dl, test_dl = _dataloaders(bundle, config)
 
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     if test_dl is not None:
@@ -279,7 +275,6 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
     accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
-    resume_dir = resolve_resume(config)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         state = TrainerState.load(resume_dir)
@@ -302,10 +297,19 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
     if bundle.on_train_mode:
         bundle.on_train_mode(model)
     stop = state.global_step >= max_steps
-    last_eval_step = -1
-    running_loss = torch.zeros((), device=accelerator.device)
-    running_count = 0
+    # A resumed run knows its last evaluation too: an epoch that ends right after it is not evaluated twice.
+    last_eval_step = next((r["step"] for r in reversed(state.log_history) if any(k.startswith("eval_") for k in r)), -1)
+    running_loss = torch.full((), state.unlogged_loss, device=accelerator.device)
+    running_count = state.unlogged_batches
     clock = time.perf_counter()
+
+    def checkpoint() -> None:
+        nonlocal clock
+        state.train_seconds += time.perf_counter() - clock
+        state.unlogged_loss = float(accelerator.reduce(running_loss, reduction="mean"))
+        state.unlogged_batches = running_count
+        save_checkpoint(accelerator, config, state)
+        clock = time.perf_counter()
 
     def run_eval() -> bool:
         """Evaluate, log, keep the best; True when early stopping says stop."""
@@ -334,7 +338,10 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
         if stop:
             break
         state.epoch = epoch
-        sampler.set_epoch(epoch)
+        # Accelerate's loader sets its sampler's epoch from its own iteration counter each time it is
+        # iterated, and a loader built to skip batches (below) copies that counter: both must read
+        # `epoch`, or a resumed run would replay another epoch's order.
+        train_dl.set_epoch(epoch)
         skip = state.batches_in_epoch
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         for batch in loader:
@@ -357,8 +364,6 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
 
             scheduler.step()
             state.global_step += 1
-            if state.global_step == _KILL_AT_STEP:  # fault injection for the resume tests
-                os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
             if state.global_step % config.logging_steps == 0 or state.global_step == max_steps:
                 mean_loss = float(accelerator.reduce(running_loss / max(running_count, 1), reduction="mean"))
@@ -374,9 +379,7 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
             if state.global_step >= max_steps:
                 stop = True
             if checkpoint_every and state.global_step % checkpoint_every == 0:
-                state.train_seconds += time.perf_counter() - clock
-                save_checkpoint(accelerator, config, state)
-                clock = time.perf_counter()
+                checkpoint()
             if stop:
                 break
         if last_eval_step != state.global_step:
@@ -385,9 +388,7 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle) 
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
         if config.checkpointing_steps == "epoch" or (stop and checkpoint_every):
-            state.train_seconds += time.perf_counter() - clock
-            save_checkpoint(accelerator, config, state)
-            clock = time.perf_counter()
+            checkpoint()
     progress.close()
     state.train_seconds += time.perf_counter() - clock
 

@@ -72,3 +72,23 @@ def caltech_folder(tmp_path_factory) -> Path:
     Image.fromarray(gray, "L").save(categories / "anchor" / "image_0011.jpg")
     (categories / "airplanes" / "image_0012.jpg").write_bytes(b"this is not a jpeg")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_cwd(tmp_path, monkeypatch):
+    """Each test runs in its own empty current directory: the default run folder (`runs/<name>`, relative
+    like `models/`) then lands in tmp_path, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_gpt2, rt_small, tmp_path_factory) -> Path:
+    """An uninterrupted run of `lm_args` in a subprocess (the directory it ran in): every interrupted
+    run must end up with its training state."""
+    from tests.training.subprocess_runs import finetune, lm_args
+
+    train, test = rt_small
+    cwd = tmp_path_factory.mktemp("reference")
+    result = finetune(lm_args(tiny_gpt2, train, test), cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return cwd

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,6 @@ class TaskBundle:
     """Per-example lengths to evaluate in length order (less padding)."""
     on_train_mode: Callable[[torch.nn.Module], None] | None = None
     """Called after model.train(), e.g. to keep frozen batch-norm layers in eval mode."""
-    extra_card_info: dict = field(default_factory=dict)
 
 
 def classification_eval_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:

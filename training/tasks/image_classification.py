@@ -212,5 +212,4 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
         pipeline_tag="image-classification",
         labels=labels,
         on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" else None,
-        extra_card_info={"freeze": config.freeze},
     )

@@ -1,0 +1,198 @@
+"""The training loop (training/loop.py), in real subprocesses: a run killed with SIGKILL (at a chosen
+step, or from outside at a random moment) or stopped by a full disk resumes to the final training state
+of an uninterrupted run; early stopping; `accelerate launch` with two CPU processes (gloo DDP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.training.subprocess_runs import (
+    assert_same_final_state,
+    classifier_args,
+    error_line,
+    finetune,
+    lm_args,
+    start,
+)
+from training.finetune import main
+
+pytestmark = pytest.mark.slow
+
+
+def assert_resumed_like_reference(cwd: Path, reference: Path, resume_step: int, context: str = "") -> None:
+    """The last checkpoint holds the uninterrupted run's training state, and the exported model is the
+    same best one, picked at an evaluation after the resume (so the resumed part of the run chose it)."""
+    assert_same_final_state(cwd / "runs" / "run", reference / "runs" / "run", context)
+    ref, res = (json.loads((p / "models" / "run" / "all_results.json").read_text()) for p in (reference, cwd))
+    assert res["best_step"] == ref["best_step"], context
+    assert res["best_step"] > resume_step, context
+    assert res["eval_perplexity"] == pytest.approx(ref["eval_perplexity"], rel=1e-4), context
+    assert res["train_steps"] == ref["train_steps"] == 20, context
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tiny_gpt2, rt_small, reference, tmp_path):
+    train, test = rt_small
+    args = lm_args(tiny_gpt2, train, test)
+    killed = finetune(args, tmp_path, {"KILL_AT_STEP": "7"}, faults=True)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "runs" / "run" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert "step_4" in names and "step_8" not in names
+    assert not (tmp_path / "models" / "run").exists()  # nothing exported: no half model
+    # A checkpoint whose save was cut short must be ignored by `latest`.
+    (checkpoints / ".tmp-step_6").mkdir()
+    (checkpoints / "step_6").mkdir()  # no trainer_state.json: incomplete
+
+    again = finetune(args, tmp_path)
+    assert again.returncode == 2 and "--resume_from_checkpoint latest" in again.stderr
+
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from runs/run/checkpoints/step_4 " in resumed.stderr
+    assert_resumed_like_reference(tmp_path, reference, resume_step=4)
+
+
+def test_external_sigkill_at_a_random_moment_then_resume(tiny_gpt2, rt_small, reference, tmp_path):
+    """kill -9 from outside, at a random checkpoint (while it is being written, or just after), then
+    `--resume_from_checkpoint latest`: the uninterrupted run's training state. FAULT_SEED=<n> replays one choice."""
+    seed = int(os.environ.get("FAULT_SEED", random.randrange(10_000)))
+    rng = random.Random(seed)
+    step = rng.choice([4, 8, 12, 16])
+    moment = rng.choice(["while-saving", "just-after"])
+    delay = rng.uniform(0, 0.05)
+    context = f"(FAULT_SEED={seed}: kill {moment} checkpoint step_{step}, delay {delay:.3f}s)"
+    train, test = rt_small
+    args = lm_args(tiny_gpt2, train, test)
+    checkpoints = tmp_path / "runs" / "run" / "checkpoints"
+    proc = start(args, tmp_path, tmp_path / "killed.log")
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            saving = (checkpoints / f".tmp-step_{step}").exists()
+            saved = (checkpoints / f"step_{step}").exists()
+            if (moment == "while-saving" and (saving or saved)) or (moment == "just-after" and saved):
+                if moment == "just-after":
+                    time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                killed_at = "saving" if saving and not saved else "saved"
+                break
+            time.sleep(0.0005)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_at is not None and code == -signal.SIGKILL, f"the run ended before the kill {context}"
+    assert not (tmp_path / "models" / "run").exists(), context  # nothing exported: no half model
+    done = sorted((p.name for p in checkpoints.iterdir() if p.name.startswith("step_")), key=lambda n: int(n[5:]))
+
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:] + context
+    if done:  # from the last complete checkpoint; a half-written one is never picked
+        assert f"resumed from runs/run/checkpoints/{done[-1]} " in resumed.stderr, context
+    else:  # killed while writing the very first checkpoint: nothing usable, so a fresh start
+        assert "starting from scratch" in resumed.stderr, context
+    assert_resumed_like_reference(tmp_path, reference, int(done[-1][5:]) if done else 0, context)
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp")], context
+
+
+def limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes beyond it fail with EFBIG
+
+    return apply
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 36 MB tmpfs (root only): room for one checkpoint (19 MB) and the best model (6 MB), not for a
+    second checkpoint."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=36m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("disk", ["file-size-limit", "full-tmpfs"])
+def test_disk_full_while_checkpointing_is_reported_and_resumable(disk, tiny_gpt2, rt_small, reference, tmp_path,
+                                                                 request):
+    """The save of checkpoint step_8 fails half-way (EFBIG from RLIMIT_FSIZE, or ENOSPC on a full tmpfs):
+    the run stops with one clear line (exit 1, no traceback), no partial checkpoint is left, step_4
+    stays usable, and resuming from it ends with the uninterrupted run's training state."""
+    train, test = rt_small
+    args = lm_args(tiny_gpt2, train, test)
+    if disk == "full-tmpfs":
+        cwd = request.getfixturevalue("tmpfs")
+        first = finetune(args, cwd)
+    else:
+        cwd = tmp_path
+        killed = finetune(args, cwd, {"KILL_AT_STEP": "6"}, faults=True)
+        assert killed.returncode == -signal.SIGKILL
+        # model.safetensors (6.3 MB) still fits, optimizer.bin (12.5 MB) does not
+        log = tmp_path / "limited.log"
+        proc = start([*args, "--resume_from_checkpoint", "latest"], cwd, log, preexec=limit_file_size(8 * 2**20))
+        proc.wait(timeout=300)
+        first = subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
+    assert first.returncode == 1, first.stderr[-3000:]
+    last_line = error_line(first.stderr)
+    assert last_line.startswith("error: could not save checkpoint"), first.stderr[-3000:]
+    assert "step_8" in last_line and "step_4 is intact" in last_line and "--resume_from_checkpoint latest" in last_line
+    assert ("file size limit (ulimit -f) 8 MB" in last_line) if disk == "file-size-limit" else ("MB free on" in last_line)
+    assert "Traceback" not in first.stderr
+    checkpoints = cwd / "runs" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step_4"]  # no .tmp-step_8, no step_8
+    assert not (cwd / "models" / "run").exists()
+
+    if disk == "full-tmpfs":  # the operator frees space: here, the disk grows
+        subprocess.run(["mount", "-o", "remount,size=256m", str(cwd)], check=True)
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], cwd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from runs/run/checkpoints/step_4 " in resumed.stderr
+    assert_resumed_like_reference(cwd, reference, resume_step=4)
+
+
+def test_early_stopping_stops_a_run_that_no_longer_improves(tiny_bert, rt_small, tmp_path):
+    train, test = rt_small
+    out = tmp_path / "early"
+    # A learning rate this small leaves the eval metric unchanged: no evaluation improves on the first.
+    assert main(["--model_name_or_path", str(tiny_bert), "--train_file", str(train), "--validation_file", str(test),
+                 "--output_dir", str(out), "--num_train_epochs", "5", "--per_device_train_batch_size", "16",
+                 "--learning_rate", "1e-12", "--eval_steps", "2", "--early_stopping_patience", "2",
+                 "--checkpointing_steps", "none"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_steps"] == 6  # evals at 2 (best), 4, 6 -> stop; 5 epochs would be 50 steps
+    assert results["best_step"] == 2
+
+
+def test_two_cpu_processes_ddp(tiny_bert, rt_small, tmp_path):
+    train, test = rt_small
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                "0"]
+    args = classifier_args(tiny_bert, train, test, "ddp")
+    result = finetune([*args, "--max_eval_samples", "41", "--max_train_steps", "6", "--checkpointing_steps", "3",
+                       "--gradient_accumulation_steps", "1"], tmp_path, {"ACCELERATE_USE_CPU": "true"}, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    out, checkpoints = tmp_path / "models" / "ddp", tmp_path / "runs" / "ddp" / "checkpoints"
+    results = json.loads((out / "all_results.json").read_text())
+    # 41 is odd: the second process pads its last batch; gather_for_metrics must drop the copy.
+    assert sum(map(sum, results["eval_confusion_matrix"])) == 41
+    assert results["train_steps"] == 6
+    assert "2 process(es)" in (out / "README.md").read_text()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step_3", "step_6"]
+    assert (checkpoints / "step_6" / "random_states_1.pkl").is_file()  # per-process RNG state
+    assert not (out / "checkpoints").exists()
