@@ -5,7 +5,8 @@
 #   docker run IMAGE train ARGS   -> accelerate launch training/finetune.py ARGS
 #   docker run IMAGE CMD ...      -> anything else is exec'd as is (bash, python, nvidia-smi, ...)
 #
-# Models are never baked in: mount a folder of model folders at /app/models.
+# Models are never baked in: mount a folder of model folders at /app/models (and, for training,
+# the run folders with their checkpoints at /app/runs).
 # The Hugging Face cache (HF_HOME) lives at /hf-cache: mount a volume there.
 #
 # Single stage on purpose: every dependency installs from a wheel (no compilers), so a
@@ -66,8 +67,8 @@ RUN pip install --no-cache-dir --no-deps -c /tmp/constraints.txt . \
 #    volumes start out writable (Docker copies the ownership of the image's directory).
 RUN groupadd --non-unique --gid "${APP_GID}" app \
  && useradd --non-unique --uid "${APP_UID}" --gid "${APP_GID}" --home-dir /home/app --create-home --shell /bin/bash app \
- && mkdir -p /app/models /hf-cache \
- && chown "${APP_UID}:${APP_GID}" /app/models /hf-cache
+ && mkdir -p /app/models /app/runs /hf-cache \
+ && chown "${APP_UID}:${APP_GID}" /app/models /app/runs /hf-cache
 USER ${APP_UID}:${APP_GID}
 
 EXPOSE 8000

@@ -283,6 +283,7 @@ def test_train_service(compose_yaml):
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     # trains into the same models folder the api serves (writable here), same Hub cache
     assert "${MODELS_DIR:-./models}:/app/models" in train["volumes"]
+    assert "${RUNS_DIR:-./runs}:/app/runs" in train["volumes"]  # checkpoints live beside, not inside, the models
     assert "hf-cache:/hf-cache" in train["volumes"]
     assert "HF_HUB_OFFLINE" in train["environment"]
 
