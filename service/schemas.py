@@ -16,6 +16,19 @@ class ErrorResponse(BaseModel):
                                         "unsupported_media_type, overloaded, loading, unavailable, inference, internal, ...")
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error, server_error")
+    param: str | None = Field(None, description="The request field at fault, when one is.")
+    code: str | None = Field(None, description="Our error_type (model_not_found for an unknown model).")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error of the /v1 routes, in OpenAI's shape (what the openai client parses)."""
+
+    error: OpenAIErrorDetail
+
+
 class ModelInfo(BaseModel):
     name: str
     status: Literal["ready", "loading", "available", "failed"]

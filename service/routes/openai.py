@@ -21,8 +21,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import schemas
 from ..errors import ApiError
-from ..openapi_doc import AUTH, BODY, ERROR, RETRY
+from ..openapi_doc import RETRY
 from ..registry import Entry
 from ..request_parsing import read_json_data, validate
 from ..tasks import Call
@@ -268,15 +269,28 @@ async def _chat(request: Request, body: ChatCompletionRequest, entry: Entry, set
                       "system_fingerprint": None, "choices": [choice], "usage": _usage(result)}, job)
 
 
-CHAT_RESPONSES = {
-    200: {"description": "A chat.completion, or with `stream` server-sent chat.completion.chunk events ending in "
-                         "`data: [DONE]`", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **AUTH, **BODY,
-    404: {**ERROR, "description": "No such model"},
-    422: {**ERROR, "description": "Invalid body, a model of another task, or a model without a chat template"},
-    429: {**ERROR, **RETRY, "description": "More than max_concurrent_requests in flight"},
-    503: {**ERROR, **RETRY, "description": "The model is loading, or its folder failed to load"},
-}
+OPENAI_ERROR = {"model": schemas.OpenAIErrorResponse}
+V1_AUTH = {401: {**OPENAI_ERROR, "description": "Missing or wrong API key (only when one is configured)"}}
+
+
+def _responses(ok: str, error: dict) -> dict:
+    return {
+        200: {"description": ok, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        401: {**error, "description": "Missing or wrong API key (only when one is configured)"},
+        404: {**error, "description": "No such model"},
+        408: {**error, "description": "The body took longer than body_timeout_s"},
+        413: {**error, "description": "The body, its text or its prompt is too large"},
+        422: {**error, "description": "Invalid body, a model of another task, or a model without a chat template"},
+        429: {**error, **RETRY, "description": "More than max_concurrent_requests in flight"},
+        500: {**error, "description": "The model failed; the error id is in the server log"},
+        503: {**error, **RETRY, "description": "The model is loading, or its folder failed to load"},
+    }
+
+
+CHAT_RESPONSES = _responses("A chat.completion, or with `stream` server-sent chat.completion.chunk events ending in "
+                            "`data: [DONE]`", OPENAI_ERROR)
+# TGI's route answers errors in our (TGI's) shape
+TGI_CHAT_RESPONSES = _responses("A chat.completion, or server-sent chunks with `stream`", {"model": schemas.ErrorResponse})
 
 
 @router.post("/v1/chat/completions", summary="OpenAI chat completions (text-generation models with a chat template)",
@@ -289,7 +303,7 @@ async def chat_completions(request: Request, leased: ChatLease, settings: Settin
 
 @router.post("/models/{name}/v1/chat/completions", summary="TGI's chat route: the model in the path "
              "(what InferenceClient(model=url).chat_completion calls)", response_class=JSONResponse,
-             responses=CHAT_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+             responses=TGI_CHAT_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
 async def tgi_chat_completions(name: str, request: Request, leased: ChatLease, settings: SettingsDep,
                                metrics: MetricsDep) -> Response:
@@ -359,7 +373,7 @@ async def embeddings(request: Request, leased: EmbeddingLease, settings: Setting
                       "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}, job)
 
 
-@router.get("/v1/models", summary="OpenAI's model list: every model folder that is not failed", responses={**AUTH})
+@router.get("/v1/models", summary="OpenAI's model list: every model folder that is not failed", responses={**V1_AUTH})
 async def list_models(registry: RegistryDep) -> dict:
     data = [{"id": e.name, "object": "model", "created": int(e.loaded_at or time.time()), "owned_by": "hf-serve",
              "task": e.task} for e in (registry.entries[n] for n in registry.names()) if e.status != "failed"]
