@@ -72,6 +72,7 @@ class ModelWorker:
         self.max_batch_requests = settings.max_batch_requests
         self.max_batch_tokens = settings.max_batch_tokens
         self.wait_s = settings.max_batch_wait_ms / 1000
+        self.timeout_s = settings.request_timeout_s
         self._queue: queue.Queue = queue.Queue()
         self._on_stopped: Callable[[], None] | None = None
         self.batches = 0  # forward passes run
@@ -163,8 +164,11 @@ class ModelWorker:
             job.started = start
         self._gauge()
         try:
-            results = torch_thread.run(self.runner.run_batch, [j.prepared for j in batch], [j.params for j in batch])
+            results = torch_thread.run(self.runner.run_batch, [j.prepared for j in batch], [j.params for j in batch],
+                                       owner=self.name, limit=self.timeout_s)
             error = None
+        except torch_thread.TorchTaskHung as exc:  # the requests get a 504; the registry reloads the model
+            results, error = [None] * len(batch), exc
         except Exception as exc:
             results, error = [None] * len(batch), failure(self.name, exc)
         end = time.perf_counter()

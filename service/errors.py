@@ -91,6 +91,10 @@ def job_error(exc: BaseException) -> ApiError | None:
         return ApiError(422, f"{exc.field}: {exc}", "validation")
     if isinstance(exc, InferenceFailed):
         return ApiError(500, f"the model failed on this input (error id {exc.error_id})", "inference")
+    from .torch_thread import TorchTaskHung
+
+    if isinstance(exc, TorchTaskHung):
+        return ApiError(504, f"{exc}; the model is being reloaded", "timeout")
     return None
 
 

@@ -90,11 +90,14 @@ class Registry:
         self.initial_scan_done = False
         self._scan_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
+        self._reload: asyncio.Task | None = None  # the reload after a hung forward pass
         self._initial: asyncio.Task | None = None
 
     # lifecycle
     async def start(self) -> None:
         """Register the folders now; load them (preload) in the background; start polling."""
+        loop = asyncio.get_running_loop()
+        torch_thread.on_hang(lambda owner, seconds: loop.call_soon_threadsafe(self._hung, owner, seconds))
         self._initial = asyncio.create_task(self._initial_scan())
         if self.settings.reload_interval_s > 0:
             self._poller = asyncio.create_task(self._poll())
@@ -106,7 +109,8 @@ class Registry:
             self.initial_scan_done = True
 
     async def stop(self) -> None:
-        for task in (self._poller, self._initial):
+        torch_thread.on_hang(None)
+        for task in (self._poller, self._initial, self._reload):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -185,7 +189,9 @@ class Registry:
     async def _load(self, name, path, sig, info, old: Entry | None) -> bool:
         started = time.perf_counter()
         try:
-            runner = await torch_thread.run_async(load_runner, path, info, self.settings)
+            # a load that hangs (a smoke test that never returns) must not keep the torch thread
+            runner = await torch_thread.run_async(load_runner, path, info, self.settings, owner=name,
+                                                  limit=max(600.0, 10 * self.settings.request_timeout_s))
         except InvalidFolder as exc:
             self._reject(name, path, sig, old, str(exc))
             return False
@@ -205,6 +211,20 @@ class Registry:
         log.info("model %s: %s %s (%s) in %.2fs", name, "reloaded" if old else "loaded", info.task, info.architecture, time.perf_counter() - started)
         self.metrics.reloads.labels("loaded").inc()
         return True
+
+    def _hung(self, name: str | None, seconds: float) -> None:
+        """A forward pass of `name` was given up as hung: list the model as failed, then load it again
+        from its folder (a fresh model object, on the fresh torch thread)."""
+        entry = self.entries.get(name) if name else None
+        if entry is None or entry.status != "ready":
+            return
+        reason = f"a forward pass hung for more than {seconds:.0f} s; reloading"
+        log.error("model %s: %s", name, reason)
+        self.entries[name] = Entry(name, entry.path, (), "failed", entry.info, error=reason)
+        entry.retire()
+        self.metrics.reloads.labels("hung").inc()
+        self._count()
+        self._reload = asyncio.create_task(self.scan())  # the folder's signature now differs: it is loaded again
 
     def _count(self) -> None:
         for status in ("ready", "loading", "available", "failed"):

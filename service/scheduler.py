@@ -157,6 +157,7 @@ class GenerationScheduler:
         if self.max_sequences == 1 and settings.max_concurrent_sequences > 1:
             log.info("model %s: its KV cache cannot be batched; sequences run one at a time", name)
         self.max_prefill_tokens = settings.max_batch_prefill_tokens
+        self.timeout_s = settings.request_timeout_s
         self.max_total_tokens = settings.max_batch_total_tokens
         self._queue: queue.Queue = queue.Queue()
         self._waiting: list[Job] = []  # taken from the queue, not admitted yet (budget)
@@ -196,9 +197,9 @@ class GenerationScheduler:
                 return
             admitted = self._admit()
             try:
-                torch_thread.run(self._step, admitted)
+                torch_thread.run(self._step, admitted, owner=self.name, limit=self.timeout_s)
             except Exception as exc:  # a model that raises fails the sequences of this step, not the server
-                error = failure(self.name, exc)
+                error = exc if isinstance(exc, torch_thread.TorchTaskHung) else failure(self.name, exc)
                 for job, _ in self._active + admitted:
                     resolve(job, error)
                 self._active, self._batch = [], None

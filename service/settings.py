@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_batch_prefill_tokens: int = Field(4096, ge=1, description="Text generation: most prompt tokens prefilled together between two decoding steps (a longer prompt alone is still admitted).")
     max_batch_total_tokens: int = Field(16384, ge=1, description="Text generation: most tokens (prompt + max_new_tokens, summed over the sequences in flight) the KV cache holds; a sequence waits until it fits.")
     adapter_mode: Literal["merge", "share"] = Field("merge", description="PEFT adapter folders: merge each into its own copy of the base at load (fastest), or share one base in memory between the adapters on it (requests for different adapters run in separate forward passes).")
+    request_timeout_s: float = Field(60.0, gt=0, description="Most seconds a request may wait for its answer (for a stream: between two tokens); 504 after. A forward pass running this long is given up as hung: its model is marked failed and reloaded, and a fresh torch thread serves the other models.")
     max_concurrent_requests: int = Field(128, ge=1, description="Inference requests in flight at once; more are refused with 429 and Retry-After.")
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted request body in bytes (413 above, refused by Content-Length before the body is read).")
     body_timeout_s: float = Field(60.0, gt=0, description="Most seconds a client may take to send a whole request body (408 after): a slow client cannot hold a connection forever.")

@@ -25,9 +25,11 @@ from ..registry import Entry, Registry
 from ..settings import Settings
 
 log = logging.getLogger("service")
-# Open even with an API key: liveness, and static pages that hold no model or request data (the
-# playground asks for the key itself; the OpenAPI document is the same for every deployment).
-PUBLIC_PATHS = {"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+# Open even with an API key: liveness and readiness (what probes ask; no model data), and static
+# pages that hold no model or request data (the playground asks for the key itself; the OpenAPI
+# document is the same for every deployment).
+PUBLIC_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs/oauth2-redirect",
+                "/openapi.json", "/redoc"}
 
 
 def _settings(request: Request) -> Settings:

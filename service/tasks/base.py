@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from ..batching import Job, ModelWorker
-from ..errors import job_error
+from ..errors import ApiError, job_error
 from ..metrics import Metrics
 from ..settings import Settings
 
@@ -56,7 +56,11 @@ class Call:
         """Queue one job on the model's batcher and wait for its result (errors become ApiErrors)."""
         job = self.worker.submit(payload, params, size=size)
         try:
-            result = await job.future
+            result = await asyncio.wait_for(asyncio.shield(job.future), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancel.set()
+            raise ApiError(504, f"no answer within request_timeout_s ({self.settings.request_timeout_s:g} s)",
+                           "timeout") from None
         except asyncio.CancelledError:
             job.cancel.set()
             raise

@@ -355,7 +355,11 @@ class TokenStream:
         job = call.worker.submit(payload, params, emit=lambda tok: loop.call_soon_threadsafe(events.put_nowait, tok))
         job.future.add_done_callback(lambda _f: events.put_nowait(_DONE))
         try:
-            first = await events.get()
+            first = await asyncio.wait_for(events.get(), call.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancel.set()
+            raise ApiError(504, f"no first token within request_timeout_s ({call.settings.request_timeout_s:g} s)",
+                           "timeout") from None
         except asyncio.CancelledError:
             job.cancel.set()
             raise
@@ -385,7 +389,12 @@ class TokenStream:
                         yield ApiError(500, f"generation failed (error id {getattr(exc, 'error_id', '-')})", "generation")
                     return
                 yield item
-                item = await self._events.get()
+                try:
+                    item = await asyncio.wait_for(self._events.get(), self.call.settings.request_timeout_s)
+                except asyncio.TimeoutError:  # the gap between two tokens is bounded too
+                    yield ApiError(504, "no next token within request_timeout_s "
+                                        f"({self.call.settings.request_timeout_s:g} s)", "timeout")
+                    return
         finally:
             self.job.cancel.set()  # a client that went away stops the generation
 
