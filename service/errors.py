@@ -111,6 +111,17 @@ def as_api_error(exc: BaseException) -> ApiError | None:
     return job_error(exc)
 
 
+def allowed_methods(routes, path: str) -> list[str]:
+    """Every method some route serves at `path` (routers included without a prefix are walked)."""
+    methods: set[str] = set()
+    for route in routes:
+        if hasattr(route, "original_router"):
+            methods.update(allowed_methods(route.original_router.routes, path))
+        elif getattr(route, "methods", None) and route.path_regex.match(path):
+            methods.update(route.methods)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map our errors, FastAPI's validation errors, HTTP errors and anything unexpected to the common shape."""
 
@@ -128,7 +139,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None), request.url.path)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.app.routes, request.url.path))}
+        return error_response(exc.status_code, str(exc.detail), kind, headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):

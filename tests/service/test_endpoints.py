@@ -247,3 +247,11 @@ def test_413_by_content_length_and_by_counting(models_dir):
         streamed = client.post("/models/mobilenet", content=chunks(), headers={"content-type": "image/png"})
         assert streamed.status_code == 413
         assert client.post("/models/sentiment", json={"inputs": "small"}).status_code == 200
+
+
+def test_wrong_methods_name_every_allowed_one(http):
+    """405 lists every method the path serves (Starlette alone names the first matching route's)."""
+    for method in ("OPTIONS", "PUT", "DELETE"):
+        response = http.request(method, "/models/sentiment")
+        assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+    assert http.request("DELETE", "/v1/models").headers["allow"] == "GET"
