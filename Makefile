@@ -61,6 +61,8 @@ demo: demo-train
 # JSON + PNG in benchmarks/results/ (docs/performance.md).
 bench: install assets
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/quality.py
 

@@ -129,17 +129,24 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, kind: str, folder: Path, log: Path):
+    """Our server on one model folder (served as `model`), or on a whole models folder
+    (`adapter_mode` given: benchmarks/adapters.py); or the peer, `transformers serve`."""
+
+    def __init__(self, kind: str, folder: Path, log: Path, adapter_mode: str | None = None):
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         models = WORK / f"served-{folder.name}"
         if kind == "ours":
-            models.mkdir(parents=True, exist_ok=True)
-            link = models / "model"
-            if not link.exists():
-                link.symlink_to(folder, target_is_directory=True)
+            flags = ["--max-batch-total-tokens", str(KV_TOKENS)]
+            if adapter_mode is not None:
+                models, flags = folder, ["--adapter-mode", adapter_mode]
+            else:
+                models.mkdir(parents=True, exist_ok=True)
+                link = models / "model"
+                if not link.exists():
+                    link.symlink_to(folder, target_is_directory=True)
             cmd = [python(), "-m", "service", "--models-dir", str(models), "--port", str(self.port),
-                   "--reload-interval-s", "0", "--max-batch-total-tokens", str(KV_TOKENS), "--log-level", "warning"]
+                   "--reload-interval-s", "0", "--log-level", "warning", *flags]
             self.model = "model"
         else:
             exe = Path(python()).with_name("transformers")
