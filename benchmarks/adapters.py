@@ -49,7 +49,7 @@ def build(root: Path, count: int) -> Path:
         out = root / f"adapter-{i}"
         model.save_pretrained(out)
         adapter = json.loads((out / "adapter_config.json").read_text())
-        (out / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": "smollm2"}))
+        (out / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": str(SMOLLM2)}))
         base = model.unload()  # the plain base again, for the next adapter
     return root
 
