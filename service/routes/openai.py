@@ -293,26 +293,27 @@ CHAT_RESPONSES = _responses("A chat.completion, or with `stream` server-sent cha
 TGI_CHAT_RESPONSES = _responses("A chat.completion, or server-sent chunks with `stream`", {"model": schemas.ErrorResponse})
 
 
-@router.post("/v1/chat/completions", summary="OpenAI chat completions (text-generation models with a chat template)",
-             response_class=JSONResponse, responses=CHAT_RESPONSES,
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
+def _post(path: str, summary: str, body: type[BaseModel], responses: dict = CHAT_RESPONSES):
+    """A POST route whose JSON body (read by its lease dependency) is documented as `body`."""
+    schema = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return router.post(path, summary=summary, response_class=JSONResponse, responses=responses,
+                       openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
+
+
+@_post("/v1/chat/completions", "OpenAI chat completions (text-generation models with a chat template)",
+       ChatCompletionRequest)
 async def chat_completions(request: Request, leased: ChatLease, settings: SettingsDep, metrics: MetricsDep) -> Response:
     return await _chat(request, *leased, settings, metrics)
 
 
-@router.post("/models/{name}/v1/chat/completions", summary="TGI's chat route: the model in the path "
-             "(what InferenceClient(model=url).chat_completion calls)", response_class=JSONResponse,
-             responses=TGI_CHAT_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
+@_post("/models/{name}/v1/chat/completions", "TGI's chat route: the model in the path (what "
+       "InferenceClient(model=url).chat_completion calls)", ChatCompletionRequest, TGI_CHAT_RESPONSES)
 async def tgi_chat_completions(name: str, request: Request, leased: ChatLease, settings: SettingsDep,
                                metrics: MetricsDep) -> Response:
     return await _chat(request, *leased, settings, metrics)
 
 
-@router.post("/v1/completions", summary="OpenAI (legacy) completions on a plain prompt", response_class=JSONResponse,
-             responses=CHAT_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}})
+@_post("/v1/completions", "OpenAI (legacy) completions on a plain prompt", CompletionRequest)
 async def completions(request: Request, leased: CompletionLease, settings: SettingsDep, metrics: MetricsDep) -> Response:
     body, entry = leased
     call = Call(entry.name, entry.runner, entry.worker, settings, metrics)
@@ -349,9 +350,7 @@ async def completions(request: Request, leased: CompletionLease, settings: Setti
 
 # -- embeddings and models -------------------------------------------------------------------------
 
-@router.post("/v1/embeddings", summary="OpenAI embeddings (feature-extraction models)", response_class=JSONResponse,
-             responses=CHAT_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}})
+@_post("/v1/embeddings", "OpenAI embeddings (feature-extraction models)", EmbeddingRequest)
 async def embeddings(request: Request, leased: EmbeddingLease, settings: SettingsDep, metrics: MetricsDep) -> Response:
     body, entry = leased
     call = Call(entry.name, entry.runner, entry.worker, settings, metrics)

@@ -41,6 +41,19 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+async def wait_for_job(awaitable, job: Job, timeout: float, what: str) -> Any:
+    """`awaitable` (a job's result, or its first event) within `timeout`: a 504 after it. The job is
+    cancelled when the request gives up or its client goes away."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        job.cancel.set()
+        raise ApiError(504, f"no {what} within request_timeout_s ({timeout:g} s)", "timeout") from None
+    except asyncio.CancelledError:
+        job.cancel.set()
+        raise
+
+
 @dataclass
 class Call:
     """One inference request as a task's `handle` sees it: the leased model and the server around it."""
@@ -56,13 +69,8 @@ class Call:
         """Queue one job on the model's batcher and wait for its result (errors become ApiErrors)."""
         job = self.worker.submit(payload, params, size=size)
         try:
-            result = await asyncio.wait_for(asyncio.shield(job.future), self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancel.set()
-            raise ApiError(504, f"no answer within request_timeout_s ({self.settings.request_timeout_s:g} s)",
-                           "timeout") from None
-        except asyncio.CancelledError:
-            job.cancel.set()
+            result = await wait_for_job(asyncio.shield(job.future), job, self.settings.request_timeout_s, "answer")
+        except ApiError:
             raise
         except Exception as exc:
             error = job_error(exc)

@@ -23,7 +23,7 @@ from ..metrics import Metrics
 from ..request_parsing import read_json
 from ..scheduler import GenerationScheduler
 from ..settings import Settings
-from .base import Call, ServedTask, StrictBody
+from .base import Call, ServedTask, StrictBody, wait_for_job
 from .text_inputs import check_request_chars
 
 # -- schemas ---------------------------------------------------------------------------------------
@@ -354,15 +354,7 @@ class TokenStream:
         events: asyncio.Queue = asyncio.Queue()
         job = call.worker.submit(payload, params, emit=lambda tok: loop.call_soon_threadsafe(events.put_nowait, tok))
         job.future.add_done_callback(lambda _f: events.put_nowait(_DONE))
-        try:
-            first = await asyncio.wait_for(events.get(), call.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancel.set()
-            raise ApiError(504, f"no first token within request_timeout_s ({call.settings.request_timeout_s:g} s)",
-                           "timeout") from None
-        except asyncio.CancelledError:
-            job.cancel.set()
-            raise
+        first = await wait_for_job(events.get(), job, call.settings.request_timeout_s, "first token")
         if first is _DONE:
             exc = job.future.exception()
             if exc is not None:
