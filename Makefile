@@ -32,7 +32,7 @@ assets: install
 
 # Debian's chromium for the playground test (apt needs root or sudo).
 browser: install
-	tests/service/install_browser.sh $(PY)
+	tests/e2e/install_browser.sh $(PY)
 
 test: install assets browser
 	$(PY) -m pytest -q

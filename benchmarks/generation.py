@@ -238,14 +238,13 @@ def bench_model(name: str, args) -> dict:
     runs: dict = {"raw": {}, "ours": {}, "peer": {}}
     for rep in range(args.repeats):
         for level in levels:
-            rounds = 2 if level <= 4 else 1
-            runs["raw"].setdefault(level, []).append(raw_tokens_per_s(folder, texts, level, rounds))
+            runs["raw"].setdefault(level, []).append(raw_tokens_per_s(folder, texts, level, 1))
         for kind in ("ours", "peer"):
             server = Server(kind, folder, WORK / "logs" / f"gen-{name}-{kind}-{rep}.log")
             try:
                 server.wait()
                 for level in levels:
-                    per_client = max(2, 8 // level) if not args.quick else 2
+                    per_client = max(1, args.requests // level) if not args.quick else 2
                     res = asyncio.run(closed_loop(server, texts, level, per_client))
                     res["rss_mb"] = rss_mb(server.proc.pid)[0]
                     runs[kind].setdefault(level, []).append(res)
@@ -286,6 +285,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gpt2"], choices=["smollm2", "gpt2"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=16, help="requests per level, spread over its clients (at least 1 each)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

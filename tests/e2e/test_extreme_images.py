@@ -4,16 +4,13 @@ serve, extreme sizes and aspect ratios, against a real server process whose peak
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-from service_helpers import ServerProcess, peak_rss_mb, write_card  # noqa: E402
-
-from tests.tiny_models import (  # noqa: E402
+from tests.service.service_helpers import ServerProcess, peak_rss_mb, write_card
+from tests.tiny_models import (
     build_tiny_convnext,
     build_tiny_efficientnet,
     build_tiny_mobilenet_v2,

@@ -4,18 +4,14 @@ failed and reloaded from its folder. Health routes of the KServe Open Inference 
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-from service_helpers import LiveServer, Settings, wait_ready  # noqa: E402
-
-from tests.tiny_models import build_tiny_bert, build_tiny_gpt2  # noqa: E402
+from tests.service.service_helpers import LiveServer, Settings, wait_ready
+from tests.tiny_models import build_tiny_bert, build_tiny_gpt2
 
 pytestmark = pytest.mark.slow
 

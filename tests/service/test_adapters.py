@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from service_helpers import LiveServer, Settings, build_tiny_bert, build_tiny_gpt2, wait_ready
 
 from service.folders import InvalidFolder, inspect_folder
+from tests.service.service_helpers import LiveServer, Settings, build_tiny_bert, build_tiny_gpt2, wait_ready
 
 TEXTS = ["a fine film", "dull and long", "I laughed", "the cast shines"]
 

@@ -6,13 +6,13 @@ import asyncio
 import re
 
 import httpx
-from service_helpers import Settings
 
 from service.batching import ModelWorker
 from service.folders import inspect_folder
 from service.loading import load_runner
 from service.metrics import Metrics
 from service.tasks.classifier import ClassificationParameters
+from tests.service.service_helpers import Settings
 
 TEXTS = [f"review number {i}: " + "good " * (i % 7) + "bad " * (i % 3) for i in range(32)]
 

@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
-from service_helpers import BROKEN, GOOD
 
 from tests.scores import assert_scores_close
+from tests.service.service_helpers import BROKEN, GOOD
 
 
 def test_health_ready_docs(http):

@@ -10,10 +10,10 @@ import numpy as np
 import openai
 import pytest
 from huggingface_hub import InferenceClient
-from service_helpers import LiveServer, Settings, build_tiny_gpt2, wait_ready
 from transformers import AutoTokenizer
 
 from service.routes.openai import ChatMessage, StopTrimmer, chat_prompt
+from tests.service.service_helpers import LiveServer, Settings, build_tiny_gpt2, wait_ready
 from tests.tiny_models import build_tiny_llama_chat, build_tiny_sentence_encoder, smollm2_dir
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]

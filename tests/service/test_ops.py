@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from service_helpers import LiveServer, Settings, make_models_dir, wait_ready
+
+from tests.service.service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import threading
 import httpx
 import pytest
 import torch
-from service_helpers import LiveServer, Settings, build_tiny_gpt2, wait_ready
 
 from service.scheduler import supports_batching
+from tests.service.service_helpers import LiveServer, Settings, build_tiny_gpt2, wait_ready
 from tests.tiny_models import build_tiny_bert, build_tiny_llama_chat
 
 PROMPTS = ["Hello world", "The weather today is", "Once upon a time there was a",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from service_helpers import Settings
 from test_batching import TEXTS, _worker
 
 from service.tasks.classifier import ClassificationParameters
+from tests.service.service_helpers import Settings
 
 
 def test_all_torch_work_runs_on_one_thread(pristine_models):

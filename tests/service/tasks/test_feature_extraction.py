@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import InferenceClient
-from service_helpers import LiveServer, Settings, minilm_dir, wait_ready
 
 from service.folders import inspect_folder
 from service.tasks.feature_extraction import pool, read_pooling
+from tests.service.service_helpers import LiveServer, Settings, minilm_dir, wait_ready
 
 SENTENCES = ["A gorgeous, witty, seductive movie.", "The plot is thin and the acting is wooden.",
              "I have no opinion about this film at all", "x"]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from service_helpers import Settings
-
 from service.folders import inspect_folder
 from service.loading import load_runner
 from service.tasks.classifier import ClassificationParameters
+from tests.service.service_helpers import Settings
 
 
 def test_image_micro_batch_matches_transformers_pipeline(pristine_models):

@@ -26,7 +26,8 @@ from schemathesis.checks import (
     status_code_conformance,
     unsupported_method,
 )
-from service_helpers import LiveServer, Settings, make_models_dir, wait_ready
+
+from tests.service.service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 pytestmark = pytest.mark.slow
 MODELS = ["sentiment", "writer", "mobilenet"]  # one per task (all loaded: any 5xx is a failure)

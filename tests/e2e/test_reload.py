@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from service_helpers import LiveServer, Settings, build_tiny_bert, make_models_dir, wait_ready
+
+from tests.service.service_helpers import LiveServer, Settings, build_tiny_bert, make_models_dir, wait_ready
 
 
 def swap_in(src, models_dir, name: str) -> None:

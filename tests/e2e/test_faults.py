@@ -22,7 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import (
+from test_reload import Hammer, swap_in, wait_for
+
+from tests.scores import assert_scores_close, scores_close
+from tests.service.service_helpers import (
     LiveServer,
     ServerProcess,
     Settings,
@@ -30,9 +33,6 @@ from service_helpers import (
     make_models_dir,
     wait_ready,
 )
-from test_reload import Hammer, swap_in, wait_for
-
-from tests.scores import assert_scores_close, scores_close
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

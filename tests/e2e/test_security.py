@@ -19,9 +19,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
-from service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 from service.app import PUBLIC_PATHS, create_app
+from tests.service.service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 KEY = "k3y-" + "x" * 28
 GOOD = {"Authorization": f"Bearer {KEY}"}

@@ -1,4 +1,5 @@
-"""Fixtures for the service tests: tiny real model folders and real servers on loopback ports."""
+"""Fixtures of the service and end-to-end tests (a plugin of tests/conftest.py): tiny real model
+folders and real servers on loopback ports."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from service_helpers import (
+
+from tests.service.service_helpers import (
     BROKEN,
     GOOD,
     SENTIMENT_CARD,

@@ -16,9 +16,9 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 from tests.scores import assert_scores_close
+from tests.service.service_helpers import LiveServer, Settings, make_models_dir, wait_ready
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The playground page in headless Chromium (Debian's chromium + Playwright; tests/service/install_browser.sh)."""
+"""The playground page in headless Chromium (Debian's chromium + Playwright; tests/e2e/install_browser.sh)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 if os.environ.get("CI"):
     import playwright.sync_api as sync_api  # noqa: F401
 else:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="run tests/service/install_browser.sh")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="run tests/e2e/install_browser.sh")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-    pytest.skip("chromium is not installed: run tests/service/install_browser.sh", allow_module_level=True)
+    pytest.skip("chromium is not installed: run tests/e2e/install_browser.sh", allow_module_level=True)
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
