@@ -253,25 +253,28 @@ class GenerationScheduler:
         return admitted
 
     def _step(self, admitted: list[tuple[Job, Sequence]]) -> None:
-        """One decoding step of the running batch, then the prefill of the admitted sequences
-        (on the torch thread)."""
+        """The prefill of the admitted sequences, then one decoding step of the running batch (on the
+        torch thread)."""
         model = self.runner.model
         start = time.perf_counter()
         with torch.inference_mode():
             if self._active:
                 self._drop_cancelled()
+            # The prefill first: a new sequence's first token comes one decoding step sooner (time to
+            # first token), and the running ones wait one prefill, as in TGI.
+            joined = None
+            if admitted:
+                joined, logits = CausalBatch.prefill(model, [s.prompt_ids for _, s in admitted], self.runner.pad_id)
+                self._advance(admitted, joined, logits)
             if self._active:
                 logits = self._batch.decode(model)
                 self._advance(self._active, self._batch, logits)
-            if admitted:
-                batch, logits = CausalBatch.prefill(model, [s.prompt_ids for _, s in admitted], self.runner.pad_id)
-                self._advance(admitted, batch, logits)
-                if len(batch):
-                    if self._batch is None or not len(self._batch):
-                        self._batch = batch
-                    else:
-                        self._batch.extend(batch)
-                    self._active += admitted
+            if joined is not None and len(joined):
+                if self._batch is None or not len(self._batch):
+                    self._batch = joined
+                else:
+                    self._batch.extend(joined)
+                self._active += admitted
         rows = len(self._active)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, rows + len(admitted))

@@ -149,35 +149,49 @@ def test_streams_carry_only_their_own_tokens(server, gen_dir):
 
 
 def test_new_sequences_join_a_running_batch(server):
-    """A short request sent while a long one decodes finishes first: it joined between two steps
-    instead of waiting for the long one to end."""
+    """A short request sent while a long one streams finishes while the long one is still decoding:
+    it joined between two steps instead of waiting for the long one to end."""
     live, _ = server
+    worker = live.app.state.registry.entries["llama"].worker
 
     async def scenario():
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as http:
-            long = asyncio.create_task(http.post("/models/gpt2", json={"inputs": "Once", "parameters": {"max_new_tokens": 400}}))
-            await asyncio.sleep(0.2)
-            short = await http.post("/models/gpt2", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
-            return short, long.done(), await long
+            body = {"inputs": "Once", "stream": True, "parameters": {"max_new_tokens": 240}}
+            async with http.stream("POST", "/models/llama", json=body) as long:
+                lines = long.aiter_lines()
+                while not (await lines.__anext__()).startswith("data:"):
+                    pass  # the long sequence has its first token: it is in the running batch
+                short = await http.post("/models/llama", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+                still_decoding = len(worker._active)
+                rest = [line async for line in lines if line.startswith("data:")]
+            return short, still_decoding, rest
 
-    short, long_done_when_short_returned, long = asyncio.run(scenario())
-    assert short.status_code == long.status_code == 200
-    assert not long_done_when_short_returned
+    short, still_decoding, rest = asyncio.run(scenario())
+    assert short.status_code == 200 and still_decoding == 1
+    assert '"finish_reason": "length"' in rest[-1]  # and the long one ran to its end afterwards
 
 
 def test_a_long_generation_never_stalls_other_models(server):
+    """Classifications sent while a long generation decodes all come back before it ends."""
     live, _ = server
+    worker = live.app.state.registry.entries["llama"].worker
 
     async def scenario():
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as http:
-            long = asyncio.create_task(http.post("/models/llama", json={"inputs": "Tell me", "parameters": {"max_new_tokens": 240}}))
-            await asyncio.sleep(0.2)
-            answers = [await http.post("/models/classifier", json={"inputs": f"sentence {i}"}) for i in range(10)]
-            return answers, long.done(), await long
+            body = {"inputs": "Tell me", "stream": True, "parameters": {"max_new_tokens": 250}}
+            async with http.stream("POST", "/models/llama", json=body) as long:
+                lines = long.aiter_lines()
+                while not (await lines.__anext__()).startswith("data:"):
+                    pass
+                answers = [await http.post("/models/classifier", json={"inputs": f"sentence {i}"}) for i in range(10)]
+                still_decoding = len(worker._active)
+                rest = [line async for line in lines if line.startswith("data:")]
+            return answers, still_decoding, rest
 
-    answers, long_done, long = asyncio.run(scenario())
-    assert all(a.status_code == 200 for a in answers) and long.status_code == 200
-    assert not long_done  # every classification came back while the generation was still running
+    answers, still_decoding, rest = asyncio.run(scenario())
+    assert all(a.status_code == 200 for a in answers)
+    assert still_decoding == 1  # every classification came back while the generation was still running
+    assert '"finish_reason": "length"' in rest[-1]
 
 
 def test_a_stream_whose_client_left_stops(server):
