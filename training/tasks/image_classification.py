@@ -17,6 +17,7 @@ from datasets import DatasetDict
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from training import lora
 from training.config import ConfigError, FinetuneConfig
 from training.data import IMAGE_CANDIDATES, encode_labels, resolve_column
 from training.tasks.base import TaskBundle, classification_eval_step, classification_metrics_fn
@@ -167,12 +168,15 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
     raw, labels = encode_labels(raw, config.label_column, config.label_names)
     processor = AutoImageProcessor.from_pretrained(config.model_name_or_path,
                                                    trust_remote_code=config.trust_remote_code)
-    model = AutoModelForImageClassification.from_pretrained(
+    model, loading_info = AutoModelForImageClassification.from_pretrained(
         config.model_name_or_path, num_labels=len(labels.names), id2label=labels.id2label,
         label2id=labels.label2id, ignore_mismatched_sizes=True, trust_remote_code=config.trust_remote_code,
+        output_loading_info=True,
     )
     fix_batchnorm_momentum(model)
     apply_freeze(model, config.freeze)
+    if config.use_peft:  # adapters on the convolutions (groups == 1) and linear layers; batch norms frozen
+        model = lora.wrap(model, config, loading_info)
     if config.channels_last:
         use_channels_last(model)
     train_transform = TrainTransform(processor)
@@ -211,5 +215,6 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
         greater_is_better=True,
         pipeline_tag="image-classification",
         labels=labels,
-        on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" else None,
+        # Frozen batch norms keep their pretrained statistics (--freeze, and LoRA, which freezes them all).
+        on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" or config.use_peft else None,
     )
