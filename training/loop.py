@@ -358,6 +358,8 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
         # iterated, and a loader built to skip batches (below) copies that counter: both must read
         # `epoch`, or a resumed run would replay another epoch's order.
         train_dl.set_epoch(epoch)
+        if bundle.on_epoch:
+            bundle.on_epoch(epoch)
         skip = state.batches_in_epoch
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         for batch in loader:

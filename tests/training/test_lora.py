@@ -29,6 +29,9 @@ from training.finetune import main
 from training.loop import train
 from training.tasks import build_task
 
+# PEFT asks transformers about gradient checkpointing with a deprecated name when it loads an adapter.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
 
 @pytest.fixture(scope="session")
 def tiny_resnet(tmp_path_factory) -> Path:
