@@ -136,8 +136,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, assi
     if not assistant_only:
         return {"input_ids": ids, "labels": list(ids)}
     spans = assistant_spans(tokenizer, messages, text)
-    labels = [t if any(s <= begin < e for s, e in spans) else IGNORE
-              for t, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)]
+    # A token is the assistant's if its text overlaps an assistant span: with byte-level BPE the first one
+    # may begin with the space that ends the template's prompt (GPT-2: "assistant:" + " Film").
+    labels = [t if any(begin < e and max(end, begin + 1) > s for s, e in spans) else IGNORE
+              for t, (begin, end) in zip(ids, encoded["offset_mapping"], strict=True)]
     return {"input_ids": ids, "labels": labels}
 
 
