@@ -159,9 +159,11 @@ def wrap(model: torch.nn.Module, config: FinetuneConfig, loading_info: dict | No
     excluded |= {n for n, m in model.named_modules() if output is not None and m is output}
     targets = resolve_targets(model, config, excluded)
     task_type = {"text-classification": TaskType.SEQ_CLS, "text-generation": TaskType.CAUSAL_LM}.get(config.task)
+    # GPT-2's Conv1D stores its weight transposed (in, out): PEFT needs to know (it would warn and guess).
+    conv1d = any(isinstance(m, Conv1D) and any(_matches(n, t) for t in targets) for n, m in model.named_modules())
     lora_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
-        modules_to_save=list(to_save) or None, task_type=task_type, bias="none",
+        modules_to_save=list(to_save) or None, task_type=task_type, bias="none", fan_in_fan_out=conv1d,
     )
     with warnings.catch_warnings():  # PEFT asks the model about gradient checkpointing with a deprecated name
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
