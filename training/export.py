@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from training import lora
 from training.config import FinetuneConfig, to_dict
 from training.tasks.base import TaskBundle
 
@@ -114,8 +115,54 @@ def _dataset_id(config: FinetuneConfig) -> str:
     return Path(source).parent.name or Path(source).stem
 
 
-def build_model_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict) -> ModelCard:
-    """Hub model card: YAML metadata (pipeline_tag, base_model, datasets, model-index) + prose."""
+AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification",
+                "text-generation": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}
+
+
+def _use_section(config: FinetuneConfig, bundle: TaskBundle, adapter: bool) -> str:
+    chat = bundle.pipeline_tag == "text-generation" and getattr(bundle.processor, "chat_template", None)
+    if adapter:
+        auto = AUTO_CLASSES.get(config.task, "AutoModel")
+        return f"""A PEFT adapter on `{config.model_name_or_path}` (`adapter_config.json` names it); `config.json` beside
+it is the fine-tuned configuration (labels, pad id), the trained head is in the adapter (`modules_to_save`).
+
+```python
+from peft import PeftModel
+from transformers import AutoConfig, {auto}
+
+folder = "path/to/this/folder"
+base = {auto}.from_pretrained("{config.model_name_or_path}", config=AutoConfig.from_pretrained(folder))
+model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+```"""
+    if chat:
+        return f"""```python
+from transformers import pipeline
+
+chat = pipeline("{bundle.pipeline_tag}", model="path/to/this/folder")
+chat([{{"role": "user", "content": "Hello!"}}], max_new_tokens=64)  # the chat template is applied
+```"""
+    return f"""```python
+from transformers import pipeline
+
+pipe = pipeline("{bundle.pipeline_tag}", model="path/to/this/folder")
+```"""
+
+
+def _samples_section(samples: list[dict] | None) -> str:
+    if not samples:
+        return ""
+    rows = []
+    for sample in samples:
+        rows.append(f"- **prompt**: {sample['prompt']}\n  - **model**: {sample['generated'] or '(nothing)'}\n"
+                    f"  - *held-out answer*: {sample['reference']}")
+    return ("\n## Sample generations\n\nGreedy answers of the fine-tuned model to held-out prompts (never trained on), "
+            "with the held-out answer:\n\n" + "\n".join(rows) + "\n")
+
+
+def build_model_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict,
+                     samples: list[dict] | None = None, adapter: dict | None = None) -> ModelCard:
+    """Hub model card: YAML metadata (pipeline_tag, base_model, datasets, model-index) + prose. `adapter`: the
+    adapter_config.json of a LoRA run (an adapter folder when not merged)."""
     name = config.run_name or Path(config.output_dir).name
     dataset = _dataset_id(config)
     split = "test" if any(k.startswith("test_") for k in results) else "validation"
@@ -127,14 +174,19 @@ def build_model_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, 
                    metric_type=key, metric_value=round(float(results[prefix + key]), 4))
         for key in metric_keys if isinstance(results.get(prefix + key), (int, float))
     ]
+    base_model = config.base_model_id or config.model_name_or_path
+    unmerged = adapter is not None and not config.merge_adapter
+    tags = ["generated_from_trainer", "accelerate", bundle.pipeline_tag]
+    if adapter is not None:
+        tags += ["lora", "peft"] + ([f"base_model:adapter:{base_model}"] if unmerged else [])
     data = ModelCardData(
         model_name=name,
-        base_model=config.base_model_id or config.model_name_or_path,
+        base_model=base_model,
         datasets=[dataset],
         pipeline_tag=bundle.pipeline_tag,
-        library_name="transformers",
+        library_name="peft" if unmerged else "transformers",
         license="apache-2.0",
-        tags=["generated_from_trainer", "accelerate", bundle.pipeline_tag],
+        tags=tags,
         eval_results=eval_results or None,
     )
     metrics_rows = "\n".join(
@@ -146,6 +198,20 @@ def build_model_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, 
         "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
         "max_train_steps", "lr_scheduler_type", "num_warmup_steps", "weight_decay", "seed", "max_length",
         "block_size", "freeze")}
+    if adapter is not None:
+        targets = adapter.get("target_modules")
+        hyper.update({"use_peft": True, "lora_r": config.lora_r, "lora_alpha": config.lora_alpha,
+                      "lora_dropout": config.lora_dropout,
+                      "lora_target_modules": sorted(targets) if isinstance(targets, (list, set)) else targets,
+                      "lora_modules_to_save": adapter.get("modules_to_save"), "merge_adapter": config.merge_adapter})
+    trained = ""
+    if isinstance(results.get("trainable_parameters"), int) and results.get("total_parameters"):
+        share = 100 * results["trainable_parameters"] / results["total_parameters"]
+        trained = (f"- Trained parameters: {results['trainable_parameters']:,} of {results['total_parameters']:,} "
+                   f"({share:.2f} %)")
+        if adapter is not None:
+            where = "this folder is the adapter" if unmerged else "merged into the weights"
+            trained += f", LoRA r={config.lora_r} alpha={config.lora_alpha} ({where})"
     body = f"""
 # {name}
 
@@ -155,6 +221,7 @@ Fine-tuned from `{data.base_model}` on `{dataset}` for **{bundle.pipeline_tag}**
 - Labels: {labels}
 - Trained on {results.get('train_examples')} examples, evaluated on {results.get('eval_examples')}
 - Hardware: {world.get('num_processes')} process(es) on {world.get('device')}, mixed precision {world.get('mixed_precision')}
+{trained}
 
 ## Results
 
@@ -163,14 +230,10 @@ Fine-tuned from `{data.base_model}` on `{dataset}` for **{bundle.pipeline_tag}**
 {metrics_rows}
 
 ![training curves]({CURVES_FILE})
-
+{_samples_section(samples)}
 ## Use
 
-```python
-from transformers import pipeline
-
-pipe = pipeline("{bundle.pipeline_tag}", model="path/to/this/folder")
-```
+{_use_section(config, bundle, unmerged)}
 
 ## Training hyper-parameters
 
@@ -216,8 +279,16 @@ def plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
 # The export, one function per file group.
 
 
-def write_weights(best_dir: Path, folder: Path) -> None:
-    """Copy the best model's `save_pretrained` files (config, safetensors weights) into `folder`."""
+def write_weights(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, folder: Path) -> None:
+    """Copy the best model's `save_pretrained` files (config, safetensors weights) into `folder`. A LoRA run
+    (the best checkpoint is an adapter, and the in-memory model holds the best weights): the merged model,
+    or the adapter folder with `--merge_adapter false`."""
+    if (best_dir / lora.ADAPTER_CONFIG).is_file():
+        if config.merge_adapter:
+            lora.write_merged(bundle.model, folder)
+        else:
+            lora.write_adapter(bundle.model, best_dir, folder, config.model_name_or_path)
+        return
     copied = [f for f in MODEL_FILES if (best_dir / f).is_file()]
     copied += [p.name for p in best_dir.glob("model-*.safetensors")]  # shards of large models
     if "config.json" not in copied or not any(f.endswith(".safetensors") for f in copied):
@@ -239,13 +310,16 @@ def write_results(config: FinetuneConfig, bundle: TaskBundle, results: dict, his
     plot_curves(history, bundle.main_metric, folder / CURVES_FILE)
 
 
-def write_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict, folder: Path) -> None:
+def write_card(config: FinetuneConfig, bundle: TaskBundle, results: dict, world: dict, folder: Path,
+               samples: list[dict] | None = None, best_dir: Path | None = None) -> None:
     """The model card README.md."""
-    build_model_card(config, bundle, results, world).save(folder / "README.md")
+    adapter_file = best_dir / lora.ADAPTER_CONFIG if best_dir is not None else None
+    adapter = json.loads(adapter_file.read_text()) if adapter_file is not None and adapter_file.is_file() else None
+    build_model_card(config, bundle, results, world, samples, adapter).save(folder / "README.md")
 
 
 def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, results: dict,
-                 history: list[dict], world: dict) -> Path:
+                 history: list[dict], world: dict, samples: list[dict] | None = None) -> Path:
     """Assemble the model folder from the best checkpoint and swap it into `config.output_dir`."""
     target = Path(config.output_dir).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -253,10 +327,10 @@ def export_model(config: FinetuneConfig, bundle: TaskBundle, best_dir: Path, res
     tmp = target.with_name(EXPORT_PREFIX.format(name=target.name) + uuid.uuid4().hex[:8])
     try:
         tmp.mkdir()
-        write_weights(best_dir, tmp)
+        write_weights(config, bundle, best_dir, tmp)
         write_processor(bundle.processor, tmp)
         write_results(config, bundle, results, history, tmp)
-        write_card(config, bundle, results, world, tmp)
+        write_card(config, bundle, results, world, tmp, samples, best_dir)
         _make_readable(tmp)
         swap_into_place(tmp, target)
     except BaseException:

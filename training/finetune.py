@@ -157,9 +157,14 @@ def run(config: FinetuneConfig) -> Path:
         results["train_samples_per_class"] = data.train_samples_per_class
     out = Path(config.output_dir)
     if accelerator.is_main_process:
+        samples = None
+        if bundle.samples is not None:  # the model holds the best weights now (train() loaded them)
+            samples = bundle.samples(bundle.model)
+            for sample in samples:
+                logger.info("sample: %r -> %r", sample["prompt"][:80], sample["generated"][:160])
         try:
             out = export_model(config, bundle, result.best_dir, results, result.state.log_history,
-                               world_info(accelerator))
+                               world_info(accelerator), samples)
         except OSError as err:
             raise ExportError(f"could not export the model to {out}: {err}. The previous content of {out} is "
                               f"unchanged and no partial folder was left; the training state is kept in "

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from training import lora
 from training.config import ConfigError, FinetuneConfig, run_folder
 from training.export import replace_dir
 from training.sampler import EpochShuffleSampler
@@ -166,14 +167,18 @@ def _intact(root: Path) -> str:
 
 
 def save_best(accelerator: Accelerator, model: torch.nn.Module, config: FinetuneConfig) -> None:
-    """Write the current weights as the best model (a save_pretrained folder) atomically."""
+    """Write the current weights as the best model (a save_pretrained folder; for LoRA, PEFT's adapter
+    folder: adapters and modules_to_save) atomically."""
     root = checkpoints_dir(config)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed
     if accelerator.is_main_process:
         tmp = root / f".tmp-{BEST_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            unwrapped = accelerator.unwrap_model(model)
+            # LoRA: the adapters and modules_to_save (the vocabulary is never resized here, so no embeddings)
+            extra = {"save_embedding_layers": False} if lora.is_peft_model(unwrapped) else {}
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
             _replace_dir(tmp, root / BEST_DIR)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,6 +190,9 @@ def save_best(accelerator: Accelerator, model: torch.nn.Module, config: Finetune
 def load_best(accelerator: Accelerator, model: torch.nn.Module, config: FinetuneConfig) -> None:
     """Load the best weights back into the (prepared) model, e.g. to evaluate them on test."""
     unwrapped = accelerator.unwrap_model(model)
+    if lora.is_peft_model(unwrapped):
+        lora.load_adapter_weights(unwrapped, checkpoints_dir(config) / BEST_DIR)
+        return
     best = type(unwrapped).from_pretrained(checkpoints_dir(config) / BEST_DIR)
     unwrapped.load_state_dict(best.state_dict())
 
@@ -200,7 +208,7 @@ def _optimizer(model: torch.nn.Module, config: FinetuneConfig) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     if not decay and not no_decay:
-        raise ConfigError("no trainable parameters (check --freeze)")
+        raise ConfigError("no trainable parameters (check --freeze, or --lora_target_modules)")
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
@@ -273,10 +281,15 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer=optimizer,
                               num_warmup_steps=config.num_warmup_steps, num_training_steps=max_steps)
     accelerator.register_for_checkpointing(scheduler)
+    peft = lora.is_peft_model(accelerator.unwrap_model(model))
+    if peft:  # checkpoints hold the trainable tensors only; the frozen rest is the base model's
+        lora.keep_trainable_in_checkpoints(accelerator)
 
     state = TrainerState()
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        if peft:
+            lora.check_checkpoint(model, resume_dir)
+        accelerator.load_state(str(resume_dir), **({"strict": False} if peft else {}))
         state = TrainerState.load(resume_dir)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, state.global_step,
                     state.epoch, state.batches_in_epoch)
@@ -302,6 +315,7 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
     running_loss = torch.full((), state.unlogged_loss, device=accelerator.device)
     running_count = state.unlogged_batches
     clock = time.perf_counter()
+    start_evaluated = any(r["step"] == 0 and any(k.startswith("eval_") for k in r) for r in state.log_history)
 
     def checkpoint() -> None:
         nonlocal clock
@@ -334,6 +348,8 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
         patience = config.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
+    if config.eval_on_start and state.global_step == 0 and not start_evaluated:
+        stop = run_eval() or stop  # the starting model, logged as step 0
     for epoch in range(state.epoch, num_epochs):
         if stop:
             break
@@ -342,6 +358,8 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
         # iterated, and a loader built to skip batches (below) copies that counter: both must read
         # `epoch`, or a resumed run would replay another epoch's order.
         train_dl.set_epoch(epoch)
+        if bundle.on_epoch:
+            bundle.on_epoch(epoch)
         skip = state.batches_in_epoch
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         for batch in loader:
@@ -395,8 +413,12 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
     final = {f"eval_{k}": v for k, v in state.best_eval.items()}
     if state.best_step is not None:
         final["best_step"] = state.best_step
-    if test_dl is not None:
+        # From here on the model is the best one: for the test split, sample outputs and the export.
         load_best(accelerator, model, config)
+    start = next((r for r in state.log_history if r["step"] == 0 and any(k.startswith("eval_") for k in r)), None)
+    if start is not None:
+        final.update({f"start_{k}": v for k, v in start.items() if k.startswith("eval_")})
+    if test_dl is not None:
         final.update({f"test_{k}": v for k, v in evaluate(accelerator, model, test_dl, bundle).items()})
     seconds = max(state.train_seconds, 1e-9)
     final.update({
@@ -408,6 +430,10 @@ def train(config: FinetuneConfig, accelerator: Accelerator, bundle: TaskBundle,
     })
     if state.tokens_seen:
         final["train_tokens_per_second"] = round(state.tokens_seen / seconds, 1)
+    trainable, total = lora.parameter_counts(accelerator.unwrap_model(model))
+    final.update({"trainable_parameters": trainable, "total_parameters": total})
+    if resource is not None:  # this process's peak resident memory (a resumed run: since the resume)
+        final["train_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     last_loss = next((r["loss"] for r in reversed(state.log_history) if "loss" in r), None)
     if last_loss is not None:
         final["train_loss"] = last_loss

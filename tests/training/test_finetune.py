@@ -147,3 +147,26 @@ def test_foreign_output_dir_is_refused(tiny_bert, rt_small, tmp_path, capsys):
                  str(foreign)]) == 2
     assert "is not empty and is not a run of this script (holiday.jpg)" in capsys.readouterr().err
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_tensorboard_tracking_writes_loss_and_eval_metrics_into_the_run_folder(tiny_bert, rt_small, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, test = rt_small
+    assert main(_args(tiny_bert, train, test, "--with_tracking", "--report_to", "tensorboard", "--eval_steps", "2",
+                      "--logging_steps", "1", "--run_name", "tracked")) == 0
+    run = tmp_path / "runs" / "finetuned"
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events and all(run in e.parents for e in events)
+    scalars: dict[str, list] = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    assert [step for step, _ in scalars["train_loss"]] == [1, 2, 3, 4]
+    assert {"lr", "eval_accuracy", "eval_loss", "eval_f1_macro"} <= set(scalars)
+    assert [step for step, _ in scalars["eval_accuracy"]] == [2, 4]
+    results = json.loads((tmp_path / "models" / "finetuned" / "all_results.json").read_text())
+    assert max(v for _, v in scalars["eval_accuracy"]) == pytest.approx(results["eval_accuracy"])  # the best one
+    assert not list((tmp_path / "models").rglob("events.out.tfevents.*"))  # logs stay out of the model folder

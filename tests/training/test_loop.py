@@ -1,6 +1,7 @@
 """The training loop (training/loop.py), in real subprocesses: a run killed with SIGKILL (at a chosen
 step, or from outside at a random moment) or stopped by a full disk resumes to the final training state
-of an uninterrupted run; early stopping; `accelerate launch` with two CPU processes (gloo DDP)."""
+of an uninterrupted run (a causal LM, a LoRA run, an image classifier); early stopping; `accelerate
+launch` with two CPU processes (gloo DDP)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from tests.training.subprocess_runs import (
     assert_same_final_state,
     classifier_args,
     error_line,
+    final_checkpoint,
     finetune,
     lm_args,
     start,
+    training_state,
 )
 from training.finetune import main
 
@@ -104,6 +107,51 @@ def test_external_sigkill_at_a_random_moment_then_resume(tiny_gpt2, rt_small, re
         assert "starting from scratch" in resumed.stderr, context
     assert_resumed_like_reference(tmp_path, reference, int(done[-1][5:]) if done else 0, context)
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp")], context
+
+
+def _kill_then_resume(args: list[str], cwd: Path, kill_at: int) -> None:
+    killed = finetune(args, cwd, {"KILL_AT_STEP": str(kill_at)}, faults=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], cwd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from runs/run/checkpoints/step_{kill_at - kill_at % 4} " in resumed.stderr
+
+
+def test_lora_run_killed_then_resumed_matches_uninterrupted_run(tiny_gpt2, rt_small, tmp_path_factory):
+    """LoRA (GPT-2's Conv1D layers, dropout in the adapters): checkpoints hold the adapters only, and a run
+    killed with SIGKILL resumes to the uninterrupted run's adapters, AdamW moments, RNG and position."""
+    train, test = rt_small
+    args = [*lm_args(tiny_gpt2, train, test), "--use_peft", "--lora_r", "4", "--lora_dropout", "0.1",
+            "--learning_rate", "2e-2"]
+    reference, cwd = tmp_path_factory.mktemp("lora-reference"), tmp_path_factory.mktemp("lora-resumed")
+    ref = finetune(args, reference)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    _kill_then_resume(args, cwd, kill_at=7)
+    assert_same_final_state(cwd / "runs" / "run", reference / "runs" / "run", "(LoRA)")
+    state = training_state(final_checkpoint(cwd / "runs" / "run"))
+    assert state["model"] and all(".lora_" in k for k in state["model"])  # the trainable tensors only
+    ref_res, res = (json.loads((p / "models" / "run" / "all_results.json").read_text()) for p in (reference, cwd))
+    assert res["best_step"] == ref_res["best_step"] and res["train_steps"] == 20
+    assert res["eval_perplexity"] == pytest.approx(ref_res["eval_perplexity"], rel=1e-4)
+    assert (cwd / "models" / "run" / "model.safetensors").is_file()  # merged export
+
+
+def test_image_classification_killed_then_resumed_matches_uninterrupted_run(tiny_mobilenet, caltech_folder,
+                                                                            tmp_path_factory):
+    """Random resized crops and flips, dropout, batch-norm statistics in training mode: all resume exactly."""
+    args = ["--task", "image-classification", "--model_name_or_path", str(tiny_mobilenet), "--train_dir",
+            str(caltech_folder), "--train_samples_per_class", "6", "--output_dir", "models/run", "--num_train_epochs",
+            "2", "--per_device_train_batch_size", "3", "--learning_rate", "1e-2", "--checkpointing_steps", "4",
+            "--eval_steps", "3", "--seed", "7"]
+    reference, cwd = tmp_path_factory.mktemp("image-reference"), tmp_path_factory.mktemp("image-resumed")
+    ref = finetune(args, reference)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    _kill_then_resume(args, cwd, kill_at=7)
+    assert_same_final_state(cwd / "runs" / "run", reference / "runs" / "run", "(image classification)")
+    ref_res, res = (json.loads((p / "models" / "run" / "all_results.json").read_text()) for p in (reference, cwd))
+    assert res["train_steps"] == ref_res["train_steps"] == 12
+    assert res["best_step"] == ref_res["best_step"]
+    assert res["eval_accuracy"] == pytest.approx(ref_res["eval_accuracy"])
 
 
 def limit_file_size(limit: int):

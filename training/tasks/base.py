@@ -41,6 +41,10 @@ class TaskBundle:
     """Per-example lengths to evaluate in length order (less padding)."""
     on_train_mode: Callable[[torch.nn.Module], None] | None = None
     """Called after model.train(), e.g. to keep frozen batch-norm layers in eval mode."""
+    on_epoch: Callable[[int], None] | None = None
+    """Called with the epoch number before each epoch's batches are drawn (e.g. to seed augmentations)."""
+    samples: Callable[[torch.nn.Module], list[dict]] | None = None
+    """Sample outputs of the trained model for the model card (e.g. answers to held-out prompts)."""
 
 
 def classification_eval_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -17,29 +17,40 @@ from datasets import DatasetDict
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from training import lora
 from training.config import ConfigError, FinetuneConfig
 from training.data import IMAGE_CANDIDATES, encode_labels, resolve_column
 from training.tasks.base import TaskBundle, classification_eval_step, classification_metrics_fn
 
 # --------------------------------------------------------------------------------------------
-# Augmentation (torchvision's RandomResizedCrop semantics, drawing from torch's global RNG so
-# that checkpoints capture it).
+# Augmentation (torchvision's RandomResizedCrop semantics). Each training image draws from a generator of
+# its own, seeded by (seed, epoch, index), never from the global RNG: Accelerate's loader fetches the next
+# batch before the current one trains, so augmentations drawn from the global RNG would consume it ahead of
+# the checkpoint that saves it, and a resumed run would crop differently from an uninterrupted one. Seeded
+# per example, an image's augmentation is the same whatever the resume point or the number of processes.
+
+INDEX_COLUMN = "__index__"
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator for one training image's augmentation in one epoch."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
 
 
 def random_resized_crop(image: Image.Image, size: tuple[int, int], scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+                        ratio=(3 / 4, 4 / 3), generator: torch.Generator | None = None) -> Image.Image:
     """Crop a random area (scale) of random aspect (ratio), resized to size = (height, width)."""
     width, height = image.size
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * float(torch.empty(1).uniform_(*scale))
-        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+        target_area = area * float(torch.empty(1).uniform_(*scale, generator=generator))
+        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=generator)))
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,)))
-            left = int(torch.randint(0, width - w + 1, (1,)))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             break
     else:  # fall back to a central crop within the ratio bounds
         in_ratio = width / height
@@ -66,9 +77,9 @@ class TrainTransform:
         self.scale = torch.tensor(rescale / std, dtype=torch.float32).view(3, 1, 1)
         self.shift = torch.tensor(-mean / std, dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = random_resized_crop(image.convert("RGB"), self.size)
-        if float(torch.rand(1)) < 0.5:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = random_resized_crop(image.convert("RGB"), self.size, generator=generator)
+        if float(torch.rand(1, generator=generator)) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
         return pixels * self.scale + self.shift
@@ -167,19 +178,25 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
     raw, labels = encode_labels(raw, config.label_column, config.label_names)
     processor = AutoImageProcessor.from_pretrained(config.model_name_or_path,
                                                    trust_remote_code=config.trust_remote_code)
-    model = AutoModelForImageClassification.from_pretrained(
+    model, loading_info = AutoModelForImageClassification.from_pretrained(
         config.model_name_or_path, num_labels=len(labels.names), id2label=labels.id2label,
         label2id=labels.label2id, ignore_mismatched_sizes=True, trust_remote_code=config.trust_remote_code,
+        output_loading_info=True,
     )
     fix_batchnorm_momentum(model)
     apply_freeze(model, config.freeze)
+    if config.use_peft:  # adapters on the convolutions (groups == 1) and linear layers; batch norms frozen
+        model = lora.wrap(model, config, loading_info)
     if config.channels_last:
         use_channels_last(model)
     train_transform = TrainTransform(processor)
     label_col = config.label_column
+    epoch = [0]  # the epoch being trained, set by the loop (on_epoch)
 
     def train_batch(batch: dict) -> dict:
-        return {"pixel_values": [train_transform(img) for img in batch[image_col]], "labels": batch[label_col]}
+        pixels = [train_transform(img, augmentation_generator(config.seed, epoch[0], index))
+                  for img, index in zip(batch[image_col], batch[INDEX_COLUMN], strict=True)]
+        return {"pixel_values": pixels, "labels": batch[label_col]}
 
     def eval_batch(batch: dict) -> dict:
         pixels = processor([img.convert("RGB") for img in batch[image_col]], return_tensors="pt")["pixel_values"]
@@ -187,6 +204,7 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
 
     keep = [image_col, label_col]
     splits = {split: ds.select_columns(keep) for split, ds in raw.items()}
+    splits["train"] = splits["train"].add_column(INDEX_COLUMN, list(range(len(splits["train"]))))
     splits["train"].set_transform(train_batch)
     for split in ("validation", "test"):
         if split in splits:
@@ -211,5 +229,7 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
         greater_is_better=True,
         pipeline_tag="image-classification",
         labels=labels,
-        on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" else None,
+        # Frozen batch norms keep their pretrained statistics (--freeze, and LoRA, which freezes them all).
+        on_train_mode=frozen_batchnorm_to_eval if config.freeze != "none" or config.use_peft else None,
+        on_epoch=lambda e: epoch.__setitem__(0, e),
     )

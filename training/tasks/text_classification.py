@@ -1,4 +1,8 @@
-"""Text classification: any AutoModelForSequenceClassification (BERT family, GPT-2, ...)."""
+"""Text classification: any AutoModelForSequenceClassification (BERT family, GPT-2, Llama/SmolLM2, ...).
+
+Decoder-only models (GPT-2, Llama) read the last non-pad token: they get pad = eos in the tokenizer
+*and* in the model config, or batches of different lengths would be classified from a pad position.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
+from training import lora
 from training.config import FinetuneConfig
 from training.data import TEXT_CANDIDATES, encode_labels, resolve_column
 from training.tasks.base import TaskBundle, classification_eval_step, classification_metrics_fn
@@ -47,10 +52,12 @@ def build(config: FinetuneConfig, raw: DatasetDict) -> TaskBundle:
     # GPT-2 & co. find the last real token through config.pad_token_id: batched training and
     # serving break if only the tokenizer knows the pad token.
     model_config.pad_token_id = tokenizer.pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
         config.model_name_or_path, config=model_config, ignore_mismatched_sizes=True,
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=config.trust_remote_code, output_loading_info=True,
     )
+    if config.use_peft:
+        model = lora.wrap(model, config, loading_info)
     max_length = min(config.max_length, tokenizer.model_max_length or config.max_length)
 
     def tokenize(batch: dict) -> dict:
