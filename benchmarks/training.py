@@ -18,8 +18,9 @@ LoRA vs full fine-tuning (`--lora-steps`, `--lora-smollm2-steps`; `--lora-only` 
 ours with `--use_peft` (r 16, alpha 32, every linear layer of the backbone, the head trained fully) against
 ours fine-tuning every weight, each at its usual learning rate (full 1e-4, LoRA 5e-4; SmolLM2 full 3e-5),
 same data, batch, steps and truncation: trainable parameters, examples/s, peak RSS and accuracy on the
-2,121 held-out Rotten Tomatoes sentences, for MiniLM (22.7 M) and the decoder SmolLM2-135M-Instruct. One
-run of each (interleaved: full then LoRA), not a median: these runs train to a useful accuracy.
+2,121 held-out Rotten Tomatoes sentences, for MiniLM (22.7 M) and the decoder SmolLM2-135M-Instruct.
+Accuracy: one run of each to the given steps. Speed and peak RSS: the median of `--lora-speed-repeats`
+short runs of each, full and LoRA alternating.
 """
 
 from __future__ import annotations
@@ -124,18 +125,24 @@ SMOLLM2 = ASSETS / "models" / "smollm2-135m-instruct"
 LORA_MODELS = {"minilm": (MINILM, 32, 1e-4, 5e-4), "smollm2": (SMOLLM2, 16, 3e-5, 5e-4)}
 
 
-def lora_vs_full(args, files, model: str, peft: bool, steps: int) -> dict:
+def lora_vs_full(args, files, model: str, peft: bool, steps: int, tag: str = "", **extra) -> dict:
     """One run of ours on `model`, fine-tuning every weight or LoRA; the numbers of the comparison."""
     path, batch, full_lr, lora_lr = LORA_MODELS[model]
-    out = WORK / "training" / f"{model}-{'lora' if peft else 'full'}-{steps}"
-    flags = {**common_flags(args, *files, batch), "max_length": 64, "max_train_steps": steps,
+    out = WORK / "training" / f"{model}-{'lora' if peft else 'full'}-{steps}{tag}"
+    flags = {**common_flags(args, *files, batch), "max_length": 64, "max_train_steps": steps, **extra,
              "model_name_or_path": path, "learning_rate": lora_lr if peft else full_lr,
              "per_device_eval_batch_size": 32, "task": "text-classification", "text_column": "text",
              "label_column": "label", "output_dir": out, "overwrite_output_dir": "true", "checkpointing_steps": "none"}
     if peft:
         flags.update(use_peft="true", lora_r=16, lora_alpha=32, lora_dropout=0.05)
     cmd = [python(), "training/finetune.py", *argv_of(flags)]
-    peak = run_measured(cmd, out.with_name(out.name + ".log"))
+    done = out.with_name(out.name + ".done.json")  # the same command finished earlier (BENCH_WORK_DIR): reuse it
+    if done.is_file() and json.loads(done.read_text())["argv"] == cmd[1:] and (out / "all_results.json").is_file():
+        peak = json.loads(done.read_text())["peak_rss_mb"]
+        print(f"  reusing the finished run in {out}", flush=True)
+    else:
+        peak = run_measured(cmd, out.with_name(out.name + ".log"))
+        done.write_text(json.dumps({"argv": cmd[1:], "peak_rss_mb": peak}))
     results = json.loads((out / "all_results.json").read_text())
     return {"model": model, "method": "LoRA r16" if peft else "full", "steps": results["train_steps"],
             "batch_size": batch, "learning_rate": flags["learning_rate"],
@@ -146,6 +153,8 @@ def lora_vs_full(args, files, model: str, peft: bool, steps: int) -> dict:
 
 
 def run_lora_comparison(args, files) -> dict:
+    """Accuracy from one long run of each; speed and peak RSS from `--lora-speed-repeats` short runs of each,
+    alternating full and LoRA (a busy machine slows both alike), medians."""
     out: dict = {}
     for model, steps in (("minilm", args.lora_steps), ("smollm2", args.lora_smollm2_steps)):
         if not steps:
@@ -157,6 +166,20 @@ def run_lora_comparison(args, files) -> dict:
             print(f"  {model} {r['method']:8}: {r['trainable_parameters']:,} trainable, "
                   f"{r['train_samples_per_second']:.1f} ex/s, accuracy {r['eval_accuracy']:.4f}, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        speed_steps = min(steps, {"minilm": 30, "smollm2": 10}[model])
+        speed: dict = {"full": [], "lora": []}
+        for rep in range(args.lora_speed_repeats):
+            for peft in (False, True):
+                r = lora_vs_full(args, files, model, peft, speed_steps, tag=f"-speed{rep}", max_eval_samples=64)
+                speed["lora" if peft else "full"].append(r)
+                print(f"  {model} {r['method']:8} speed run {rep + 1}: {r['train_samples_per_second']:.1f} ex/s, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        for kind, runs in speed.items():
+            if runs:
+                out[model][kind].update({
+                    "speed_runs": [r["train_samples_per_second"] for r in runs], "speed_steps": speed_steps,
+                    "train_samples_per_second": median([r["train_samples_per_second"] for r in runs]),
+                    "peak_rss_mb": median([r["peak_rss_mb"] for r in runs])})
     return out
 
 
@@ -170,7 +193,9 @@ def print_lora_table(comparison: dict) -> None:
                          f"{r['train_samples_per_second'] / runs['full']['train_samples_per_second']:.2f}x",
                          100 * r["eval_accuracy"], r["peak_rss_mb"]])
     steps = {m: r["full"]["steps"] for m, r in comparison.items()}
-    print(f"\nLoRA vs full fine-tuning on Rotten Tomatoes (steps: {steps}; one run each)")
+    speed = {m: (r["full"].get("speed_steps"), len(r["full"].get("speed_runs", []))) for m, r in comparison.items()}
+    print(f"\nLoRA vs full fine-tuning on Rotten Tomatoes: accuracy after {steps} steps (one run each); "
+          f"examples/s and peak RSS: median of (steps, runs) {speed}, full and LoRA alternating")
     print(table(["model", "method", "trainable params", "lr", "examples/s", "vs full", "accuracy (%)",
                  "peak RSS (MB)"], rows))
 
@@ -238,11 +263,13 @@ def main(argv=None) -> int:
                         help="LoRA vs full fine-tuning of MiniLM, this many steps of batch 32 (0 skips)")
     parser.add_argument("--lora-smollm2-steps", type=int, default=125,
                         help="LoRA vs full fine-tuning of SmolLM2 as a classifier, steps of batch 16 (0 skips)")
+    parser.add_argument("--lora-speed-repeats", type=int, default=3,
+                        help="short runs of each (alternating) for the examples/s and peak RSS of the LoRA comparison")
     parser.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full fine-tuning part")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.ddp_repeats, args.accuracy_steps, args.compile_repeats = 2, 1, 0, 0, 0
-        args.lora_steps, args.lora_smollm2_steps = 2, 0
+        args.lora_steps, args.lora_smollm2_steps, args.lora_speed_repeats = 2, 0, 0
     files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
     if args.lora_only:
         hw = hardware()
