@@ -92,3 +92,21 @@ def reference(tiny_gpt2, rt_small, tmp_path_factory) -> Path:
     result = finetune(lm_args(tiny_gpt2, train, test), cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return cwd
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_bert, rt_small, tmp_path_factory):
+    """`distributed_args` run by 2 CPU processes on one machine (the directory it ran in, and its stderr):
+    checked in test_loop.py, and the reference of the multi-node run in test_multinode.py."""
+    from tests.training.subprocess_runs import (
+        CPU_DISTRIBUTED,
+        distributed_args,
+        distributed_launcher,
+        finetune,
+    )
+
+    train, test = rt_small
+    cwd = tmp_path_factory.mktemp("ddp")
+    result = finetune(distributed_args(tiny_bert, train, test, "ddp"), cwd, CPU_DISTRIBUTED, distributed_launcher())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result.stderr

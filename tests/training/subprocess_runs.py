@@ -42,10 +42,37 @@ def finetune(args: list[str], cwd: Path, env: dict | None = None, launcher: list
     return subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-def start(args: list[str], cwd: Path, log: Path, env: dict | None = None, preexec=None) -> subprocess.Popen:
-    """finetune.py in the background, stderr to `log`."""
-    return subprocess.Popen([sys.executable, str(FINETUNE), *args], cwd=cwd, env=_env(env),
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=preexec)
+def start(args: list[str], cwd: Path, log: Path, env: dict | None = None, preexec=None,
+          launcher: list[str] | None = None, new_session: bool = False) -> subprocess.Popen:
+    """finetune.py in the background, stderr to `log`; with `new_session`, in its own process group
+    (so that a launcher and the workers it started can be killed together)."""
+    return subprocess.Popen([*(launcher or [sys.executable]), str(FINETUNE), *args], cwd=cwd, env=_env(env),
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=preexec,
+                            start_new_session=new_session)
+
+
+# Accelerate's torchrun launcher on CPU: `--multi_gpu` picks torchrun (one process per rank, gloo),
+# ACCELERATE_USE_CPU keeps it on the CPU. (`accelerate launch --cpu --num_processes 2` is not that:
+# without mpirun it starts one independent process per launcher.)
+CPU_DISTRIBUTED = {"ACCELERATE_USE_CPU": "true"}
+
+
+def distributed_launcher(num_processes: int = 2, num_machines: int = 1, machine_rank: int = 0,
+                         port: int = 0) -> list[str]:
+    """`accelerate launch` for `num_processes` CPU processes in all, over `num_machines` machines."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                str(num_processes), "--num_machines", str(num_machines), "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(port)]
+    if num_machines > 1:
+        launcher += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return launcher
+
+
+def distributed_args(model: Path, train: Path, test: Path, name: str) -> list[str]:
+    """classifier_args shortened for distributed runs: 6 steps, checkpoints at 3 and 6, 41 evaluation
+    examples (odd: the second process pads its last batch, and gather_for_metrics must drop the copy)."""
+    return [*classifier_args(model, train, test, name), "--max_eval_samples", "41", "--max_train_steps", "6",
+            "--checkpointing_steps", "3", "--gradient_accumulation_steps", "1"]
 
 
 def classifier_args(model: Path, train: Path, test: Path, name: str = "run") -> list[str]:

@@ -11,7 +11,6 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 
 from tests.training.subprocess_runs import (
     assert_same_final_state,
-    classifier_args,
     error_line,
     final_checkpoint,
     finetune,
@@ -225,17 +223,10 @@ def test_early_stopping_stops_a_run_that_no_longer_improves(tiny_bert, rt_small,
     assert results["best_step"] == 2
 
 
-def test_two_cpu_processes_ddp(tiny_bert, rt_small, tmp_path):
-    train, test = rt_small
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                "0"]
-    args = classifier_args(tiny_bert, train, test, "ddp")
-    result = finetune([*args, "--max_eval_samples", "41", "--max_train_steps", "6", "--checkpointing_steps", "3",
-                       "--gradient_accumulation_steps", "1"], tmp_path, {"ACCELERATE_USE_CPU": "true"}, launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    out, checkpoints = tmp_path / "models" / "ddp", tmp_path / "runs" / "ddp" / "checkpoints"
+def test_two_cpu_processes_ddp(two_process_run):
+    cwd, stderr = two_process_run
+    assert "2 process(es)" in stderr
+    out, checkpoints = cwd / "models" / "ddp", cwd / "runs" / "ddp" / "checkpoints"
     results = json.loads((out / "all_results.json").read_text())
     # 41 is odd: the second process pads its last batch; gather_for_metrics must drop the copy.
     assert sum(map(sum, results["eval_confusion_matrix"])) == 41
