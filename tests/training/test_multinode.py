@@ -1,6 +1,6 @@
 """Multi-node training, on one machine: two "nodes" of one CPU process each, joined over loopback
-by Accelerate's launcher (torchrun's c10d rendezvous, gloo), the way deploy/slurm/train_multinode.sbatch
-launches one launcher per node. Both nodes share the run and model folders, as nodes share a network
+by Accelerate's launcher (torchrun, one agent per node meeting at 127.0.0.1:<port>, gloo), the way
+deploy/slurm/train_multinode.sbatch starts one launcher per node. Both nodes share the run and model folders, as nodes share a network
 file system.
 """
 
