@@ -170,6 +170,28 @@ def test_requests_in_flight_component(tmp_path):
     assert name == "hf_serve_requests_in_flight"
 
 
+@pytest.mark.parametrize("overlay", ["gpu", "kserve"])
+def test_api_key_from_a_secret_generator(overlay, tmp_path):
+    """The GitOps way of docs/deployment.md: your overlay generates the Secret from a file kept out of git;
+    kustomize gives it a hashed name and rewrites the reference (a changed key rolls the pods)."""
+    (tmp_path / "api-key.txt").write_text("0123456789abcdef")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
+        "secretGenerator": [{"name": "hf-serve-api-key", "files": ["api-key=api-key.txt"]}],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = _kustomize(tmp_path)
+    secret = find(docs, "Secret")
+    kubernetes_validate.validate(secret, K8S_VERSIONS[0], strict=True)
+    assert secret["metadata"]["name"].startswith("hf-serve-api-key-")
+    assert "api-key" in secret["data"]
+    workload = next(d for d in docs if d["kind"] in ("Deployment", "InferenceService"))
+    [container] = pod_spec(workload)["containers"]
+    assert env_of(container)["HF_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"], "key": "api-key"}
+
+
 # --------------------------------------------------------------------------- KServe
 
 
