@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch training/fin
 import datasets
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from training.config import ConfigError, FinetuneConfig, parse_args, run_folder
 from training.data import load_raw_datasets
@@ -112,6 +112,21 @@ def prepare_folders(plan: RunPlan) -> None:
                     "of this run now goes", legacy, ckpts)
 
 
+def check_launch(accelerator: Accelerator, environ=os.environ) -> None:
+    """Refuse processes that were launched together but did not join one group; warn when FSDP was
+    asked for and Accelerate runs without it. `environ`: the launcher's variables (WORLD_SIZE, ...)."""
+    launched = environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != accelerator.num_processes:
+        # e.g. an FSDP config on a machine without GPUs: torchrun starts the processes, but each one
+        # runs alone; they would all train separately and write the same folders.
+        raise ConfigError(f"{launched} processes were launched (WORLD_SIZE={launched}) but Accelerate runs "
+                          f"{accelerator.num_processes}; on CPU launch with --multi_gpu and ACCELERATE_USE_CPU=true "
+                          "(FSDP and DeepSpeed need GPUs; see docs/deployment.md)")
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        logger.warning("FSDP was asked for, but Accelerate runs %s (FSDP needs GPUs): nothing is sharded",
+                       accelerator.distributed_type.value)
+
+
 class ExportError(RuntimeError):
     """Writing the final model folder failed; the previous folder is untouched."""
 
@@ -133,6 +148,7 @@ def run(config: FinetuneConfig) -> Path:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     logger.info("%d process(es), device %s, mixed precision %s", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision)
+    check_launch(accelerator)
 
     # Check everything before writing anything: the folders, then the data (files, columns, labels).
     plan = check_folders(config)

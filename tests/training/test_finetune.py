@@ -170,3 +170,22 @@ def test_tensorboard_tracking_writes_loss_and_eval_metrics_into_the_run_folder(t
     results = json.loads((tmp_path / "models" / "finetuned" / "all_results.json").read_text())
     assert max(v for _, v in scalars["eval_accuracy"]) == pytest.approx(results["eval_accuracy"])  # the best one
     assert not list((tmp_path / "models").rglob("events.out.tfevents.*"))  # logs stay out of the model folder
+
+
+def test_processes_that_did_not_join_one_group_are_refused(caplog):
+    """torchrun started 2 processes (WORLD_SIZE=2) but Accelerate runs each alone (what an FSDP config
+    does on a machine without GPUs): refused before anything is written. FSDP asked for and not active
+    (on CPU with ACCELERATE_USE_CPU) is said in a warning."""
+    from accelerate import Accelerator
+
+    from training.config import ConfigError
+    from training.finetune import check_launch
+
+    accelerator = Accelerator()  # this test process: one process, no distributed group
+    with pytest.raises(ConfigError, match=r"2 processes were launched .* Accelerate runs 1; on CPU launch with --multi_gpu"):
+        check_launch(accelerator, {"WORLD_SIZE": "2"})
+    check_launch(accelerator, {"WORLD_SIZE": "1"})
+    check_launch(accelerator, {})
+    with caplog.at_level(logging.WARNING, logger="training"):
+        check_launch(accelerator, {"ACCELERATE_USE_FSDP": "true"})
+    assert "FSDP was asked for, but Accelerate runs NO" in caplog.text
