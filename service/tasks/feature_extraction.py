@@ -167,6 +167,11 @@ class FeatureExtraction(ServedTask):
     response_description = ("feature-extraction: one vector per input (sentence-similarity inputs: one "
                             "cosine similarity per sentence)")
 
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        # sentence-similarity: the source sentence counts as one of the texts
+        return {"FeatureExtractionRequest": {"inputs": {"maxItems": settings.max_client_batch_size}},
+                "SentenceSimilarityInputs": {"sentences": {"maxItems": settings.max_client_batch_size - 1}}}
+
     def recognises(self, path: Path, card: dict, config: dict) -> bool:
         return (path / "modules.json").is_file()
 

@@ -64,6 +64,9 @@ class TextClassification(ServedTask):
                        "title": "TextClassificationOutput"}
     response_description = "text-classification: one list of labels per input"
 
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        return {"TextClassificationRequest": {"inputs": {"maxItems": settings.max_client_batch_size}}}
+
     def load(self, path: Path, settings: Settings) -> TextClassificationRunner:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

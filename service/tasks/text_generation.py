@@ -61,7 +61,7 @@ class GenerationParameters(StrictBody):
 
 
 class TextGenerationRequest(StrictBody):
-    inputs: str = Field(description="The prompt.")
+    inputs: str = Field(min_length=1, description="The prompt (not empty, as TGI).")
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     stream: bool = Field(False, description="Server-sent events, one per token (TGI's /generate_stream shape).")
     options: dict[str, Any] | None = None
@@ -278,6 +278,9 @@ class TextGeneration(ServedTask):
                                 "description": "JSON: {index, token, top_tokens, generated_text, "
                                                "details} as TGI's /generate_stream, or {error, error_type}"}},
     }, "description": "One server-sent event per token"}}
+
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        return {"GenerationParameters": {"max_new_tokens": {"maximum": settings.max_new_tokens}}}
 
     def worker(self, name: str, runner: TextGenerationRunner, settings: Settings, metrics: Metrics) -> GenerationScheduler:
         return GenerationScheduler(name, runner, settings, metrics)
