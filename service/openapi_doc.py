@@ -101,18 +101,29 @@ def apply_limits(components: dict, limits: dict[str, dict[str, dict]]) -> None:
             _constrain(components[name]["properties"][prop], keywords)
 
 
-def model_paths(spec: dict, entries: list[tuple[str, str | None]]) -> dict:
+def _constrained_request(task, constraints: dict[str, dict[str, dict]]) -> dict:
+    """The task's request bodies, with one model's own constraints on top (allOf)."""
+    request = task_request([task])
+    json_body = request["requestBody"]["content"]["application/json"]["schema"]
+    json_body["oneOf"] = [
+        {"allOf": [option, {"properties": constraints[name]}]} if (name := option["$ref"].split("/")[-1]) in constraints
+        else option for option in json_body["oneOf"]]
+    return request
+
+
+def model_paths(spec: dict, entries: list[tuple[str, str | None, dict]]) -> dict:
     """The document for one set of served models: /models/{name} is replaced by one path per model
     (GET its details, POST exactly the bodies of its task), since the body a name takes depends on
     the model: a template path would document a multipart upload as valid for a text model.
-    `entries` are (name, task) of the registry's folders; a folder of unknown task keeps the
-    template's bodies (it answers 503 until it loads)."""
+    `entries` are (name, task, constraints) of the registry's folders, constraints being what the
+    loaded model adds (ServedTask.model_constraints); a folder of unknown task keeps the template's
+    bodies (it answers 503 until it loads)."""
     if not entries:  # nothing served: every name is a 404, which the template says
         return spec
     spec = copy.deepcopy(spec)
     template = spec["paths"].pop("/models/{name}")
     paths = {}
-    for name, task in sorted(entries):
+    for name, task, constraints in sorted(entries, key=lambda e: e[0]):
         item = {}
         for method, operation in template.items():
             operation = copy.deepcopy(operation)
@@ -121,7 +132,7 @@ def model_paths(spec: dict, entries: list[tuple[str, str | None]]) -> dict:
                 del operation["parameters"]
             operation["operationId"] = f"{operation['operationId']}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
             if method == "post" and task in TASKS:
-                operation.update(task_request([TASKS[task]]))
+                operation.update(_constrained_request(TASKS[task], constraints))
                 operation["responses"] = _responses_json(task_responses([TASKS[task]]))
                 operation["tags"] = ["inference", task]
                 operation["summary"] = f"Run {name} ({task})"
@@ -185,11 +196,13 @@ def install_openapi(app: FastAPI, settings: Settings, registry, extra_models: tu
     cache: dict[tuple, dict] = {}
 
     def live_openapi() -> dict:
-        entries = tuple(sorted((e.name, e.task) for e in registry.entries.values()))
-        if entries not in cache:
-            cache.clear()  # one document per set of models: the folder set changes rarely
-            cache[entries] = model_paths(openapi(), list(entries))
-        return cache[entries]
+        entries = [(e.name, e.task, TASKS[e.task].model_constraints(e.runner) if e.task in TASKS and e.runner else {})
+                   for e in registry.entries.values()]
+        key = json.dumps(sorted(entries, key=lambda e: e[0]))
+        if key not in cache:
+            cache.clear()  # one document per set of models: it changes when a folder does
+            cache[key] = model_paths(openapi(), entries)
+        return cache[key]
 
     app.openapi = openapi  # type: ignore[method-assign]
     # FastAPI's own /openapi.json route cannot see the request: replace it.

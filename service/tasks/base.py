@@ -121,6 +121,11 @@ class ServedTask:
         {schema name: {property: {"maximum": ...}}}."""
         return {}
 
+    def model_constraints(self, runner: Any) -> dict[str, dict[str, dict]]:
+        """What one loaded model takes beyond its task's schemas (e.g. its own prompt names), for its
+        path in the document: {schema name: {property: schema}}."""
+        return {}
+
     def recognises(self, path: Path, card: dict, config: dict) -> bool:
         """A folder is this task for a reason besides its pipeline tag or architecture (checked after
         the tag, before the architecture)."""
