@@ -4,7 +4,7 @@ against a real server with a tiny model of each task.
 This is schemathesis' own CLI with every check (`--checks all`: no 5xx, declared status codes,
 content types, headers and bodies, valid data accepted, invalid data refused, 405 with `Allow` for
 undeclared methods, ...) over all its phases (examples, coverage, fuzzing, stateful), derandomised
-(`--generation-deterministic --seed 0`) and bounded by FUZZ_EXAMPLES (default 15 per operation) to
+(`--generation-deterministic --seed 0`) and bounded by FUZZ_EXAMPLES (default 8 per operation) to
 keep CI fast. `make fuzz` runs the same for minutes with a fresh seed (benchmarks/fuzz.py).
 schemathesis.toml, read from the repository root, says what the document cannot (image bytes).
 """
@@ -25,14 +25,14 @@ from tests.service.service_helpers import REPO, LiveServer, Settings, make_model
 
 pytestmark = pytest.mark.slow
 MODELS = ["sentiment", "writer", "chatty", "mobilenet", "embedder"]  # every task (all load: any 5xx is a failure)
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(pristine_models, tmp_path_factory):
     models_dir = make_models_dir(pristine_models, tmp_path_factory.mktemp("fuzz"), MODELS)
     # A small generation cap keeps generated requests fast; the document says it (a maximum).
-    settings_ = Settings(models_dir=models_dir, reload_interval_s=0, max_new_tokens=16, max_batch_wait_ms=1,
+    settings_ = Settings(models_dir=models_dir, reload_interval_s=0, max_new_tokens=2, max_batch_wait_ms=1,
                          max_request_bytes=256 * 1024, _env_file=None)
     with LiveServer(settings_) as server, server.client() as client:
         wait_ready(client)
@@ -108,8 +108,8 @@ def test_each_model_has_its_own_path_with_exactly_its_bodies(fuzz_server):
     assert "text/event-stream" in spec["paths"]["/models/writer"]["post"]["responses"]["200"]["content"]
     # the server's caps are the document's limits
     schemas = spec["components"]["schemas"]
-    assert schemas["GenerationParameters"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] == 16
-    assert schemas["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 16
+    assert schemas["GenerationParameters"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] == 2
+    assert schemas["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 2
     # a folder that appears later gets its path in the next document
     shutil.copytree(Path(fuzz_server.app.state.settings.models_dir) / "sentiment", Path(fuzz_server.app.state.settings.models_dir) / "sentiment-2")
     try:
