@@ -168,7 +168,8 @@ class FeatureExtraction(ServedTask):
     def model_constraints(self, runner: FeatureExtractionRunner) -> dict[str, dict[str, dict]]:
         names = sorted(runner.prompts)
         prompt = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]} if names else {"type": "null"}
-        return {"FeatureExtractionRequest": {"prompt_name": prompt}}
+        dimensions = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": runner.dimension}, {"type": "null"}]}
+        return {"FeatureExtractionRequest": {"prompt_name": prompt, "dimensions": dimensions}}
 
     def recognises(self, path: Path, card: dict, config: dict) -> bool:
         return (path / "modules.json").is_file()

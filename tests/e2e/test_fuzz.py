@@ -58,6 +58,7 @@ def test_api_conforms_to_its_openapi(fuzz_run, fuzz_server):
     assert code == 0, output[-20000:]
     cases = re.search(r"(\d+) generated", summary)
     assert cases and int(cases.group(1)) > 200, summary
+    print(f"schemathesis, every check: {cases.group(0)} cases, exit {code}")  # shown with pytest -s / -rP
     # the fuzzer reached every model's inference code, not only its errors
     metrics = httpx.get(f"{fuzz_server.url}/metrics", timeout=10).text
     for model in MODELS:
