@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import schemas
+from .registry import Registry
 from .routes.deps import may_see_models
 from .settings import Settings
 from .tasks import TASKS
@@ -162,7 +163,7 @@ def _responses_json(responses: dict) -> dict:
     return out
 
 
-def install_openapi(app: FastAPI, settings: Settings, registry, extra_models: tuple[type[BaseModel], ...] = (),
+def install_openapi(app: FastAPI, settings: Settings, registry: Registry, extra_models: tuple[type[BaseModel], ...] = (),
                     extra_limits: dict[str, dict[str, dict]] | None = None) -> None:
     """Generate the document with the request and response schemas of every task and the server's
     caps, and serve /openapi.json: to a caller who may see the models (no API key set, or the right
@@ -193,7 +194,7 @@ def install_openapi(app: FastAPI, settings: Settings, registry, extra_models: tu
             app.openapi_schema = spec
         return app.openapi_schema
 
-    cache: dict[tuple, dict] = {}
+    cache: dict[str, dict] = {}
 
     def live_openapi() -> dict:
         entries = [(e.name, e.task, TASKS[e.task].model_constraints(e.runner) if e.task in TASKS and e.runner else {})
