@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser test lint demo demo-train bench clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
+.PHONY: install assets browser test lint demo demo-train bench bench-soak fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,19 @@ bench: install assets
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/quality.py
+	$(MAKE) bench-soak
+
+# SOAK_MINUTES (default 10) of mixed load, all tasks with real SmolLM2 chat (benchmarks/README_soak.md): fails on
+# any unexpected answer, or when RSS grows more than 5 % from minute 1-2 to the last minute.
+SOAK_MINUTES ?= 10
+bench-soak: install assets
+	$(PY) benchmarks/soak.py --duration $$(( $(SOAK_MINUTES) * 60 )) --max-rss-growth 5
+
+# schemathesis' CLI with every check against a real server (tiny models; --demo for the trained ones) for
+# FUZZ_MINUTES, with a fresh seed it prints first (not in CI: tests/e2e/test_fuzz.py runs a bounded, fixed-seed one).
+FUZZ_MINUTES ?= 5
+fuzz: install assets
+	$(PY) benchmarks/fuzz.py --minutes $(FUZZ_MINUTES)
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache

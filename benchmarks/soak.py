@@ -1,18 +1,27 @@
-"""Load and soak test: many concurrent clients, all three tasks and some bad requests, for minutes.
+"""Load and soak test: many concurrent clients, all four tasks (real SmolLM2 chat among them) and some
+bad requests, for minutes.
 
-    python benchmarks/soak.py --duration 180 --clients 32            # starts its own server
+    python benchmarks/soak.py                                        # 10 minutes; starts its own server
+    python benchmarks/soak.py --duration 180 --clients 32
     python benchmarks/soak.py --duration 600 --url http://host:8000 --pid 1234
+
+Two phases of equal length (--phases): first `overload` (all --clients, over max_concurrent_requests:
+the overflow gets 429s), then `under` (--under-clients, below the limit: not one 429 may happen).
 
 What it checks (exit code 1 when one fails):
 - zero unexpected outcomes: every good request is a 200 (or a 429 when the server is full), every bad
   one exactly its 4xx; no 5xx, no timeout, no dropped connection, no malformed 200 body;
 - the queue stays bounded: over `max_concurrent_requests` the server answers 429 at once (so the
   in-flight gauge never exceeds the limit and nothing waits until it times out);
-- memory: the server's RSS grows less than --max-rss-growth % between the end of the warm-up
-  (minute 1, or a third of shorter runs) and the end.
+- memory: the server's RSS (median of a minute's samples, one a second) grows less than
+  --max-rss-growth % between minute 1-2 and the last minute (a fifth of the run for runs shorter than
+  5 minutes). The last minute is in the `under` phase, which holds fewer requests in flight than the
+  first: memory that grows anyway is a leak. Each phase's own first-to-last-minute change is reported.
 
-Models: --models-dir if given; else the demo models (models/demo-sentiment, models/demo-images) when
-present, plus a tiny GPT-2 for generation; else tiny models of all three tasks (tests/tiny_models.py).
+Models: --models-dir if given; else the demo models (models/demo-sentiment, models/demo-images,
+models/demo-embeddings) when present, else tiny ones (tests/tiny_models.py), plus a tiny GPT-2 for
+TGI-shaped generation and SmolLM2-135M-Instruct (assets/models/smollm2-135m-instruct) for
+/v1/chat/completions; with --tiny every model is tiny (a tiny Llama with a chat template for chat).
 Clients run in this process (asyncio + httpx); on 2 cores they compete with the server for CPU, so
 throughput is a floor, not the server's ceiling. Results go to --json (default
 benchmarks/results/soak.json).
@@ -53,8 +62,9 @@ SENTENCES = [
 
 # kind: (weight, expected status of a non-429 answer)
 KINDS = {
-    "classify": (25, 200), "classify_batch": (10, 200), "generate": (14, 200), "generate_stream": (6, 200),
-    "image_raw": (14, 200), "image_base64": (6, 200),
+    "classify": (22, 200), "classify_batch": (8, 200), "generate": (10, 200), "generate_stream": (5, 200),
+    "chat": (4, 200), "chat_stream": (4, 200), "embed": (6, 200), "embed_v1": (4, 200),
+    "image_raw": (12, 200), "image_base64": (5, 200),
     "bad_json": (5, 422), "bad_model": (3, 404), "bad_image": (4, 415), "bad_max_new_tokens": (4, 422),
     "over_batch_cap": (2, 422), "bad_url_input": (2, 422),
 }
@@ -62,12 +72,23 @@ KINDS = {
 
 # -- models and server -----------------------------------------------------------------------------
 
+SMOLLM2 = REPO / "assets" / "models" / "smollm2-135m-instruct"
+MINILM = REPO / "assets" / "models" / "all-MiniLM-L6-v2"
+
+
 def prepare_models(args) -> tuple[Path, dict]:
-    """A models dir with one text-classification, one text-generation and one image model."""
+    """A models dir with one model of each task, and a chat model."""
     if args.models_dir:
-        return Path(args.models_dir), {"classify": args.text_model, "generate": args.gen_model, "image": args.image_model}
+        return Path(args.models_dir), {"classify": args.text_model, "generate": args.gen_model, "image": args.image_model,
+                                       "chat": args.chat_model, "embed": args.embed_model}
     sys.path.insert(0, str(REPO))
-    from tests.tiny_models import build_tiny_bert, build_tiny_gpt2, build_tiny_mobilenet_v2
+    from tests.tiny_models import (
+        build_tiny_bert,
+        build_tiny_gpt2,
+        build_tiny_llama_chat,
+        build_tiny_mobilenet_v2,
+        build_tiny_sentence_encoder,
+    )
 
     root = Path(tempfile.mkdtemp(prefix="soak-models-"))
     demo_text, demo_images = REPO / "models" / "demo-sentiment", REPO / "models" / "demo-images"
@@ -79,10 +100,24 @@ def prepare_models(args) -> tuple[Path, dict]:
         build_tiny_bert(root / "sentiment", labels=["negative", "positive"])
         build_tiny_mobilenet_v2(root / "images", labels=["cat", "dog", "bird"])
         source = "tiny models (tests/tiny_models.py)"
+    demo_embed = REPO / "models" / "demo-embeddings"
+    if not args.tiny and (demo_embed / "config.json").is_file():
+        (root / "embedder").symlink_to(demo_embed)
+    elif not args.tiny and (MINILM / "config.json").is_file():
+        (root / "embedder").symlink_to(MINILM.resolve())
+    else:
+        build_tiny_sentence_encoder(root / "embedder")
+    if not args.tiny and (SMOLLM2 / "config.json").is_file():
+        (root / "chat").symlink_to(SMOLLM2.resolve())
+        source += " + SmolLM2-135M-Instruct (chat) + MiniLM embeddings"
+    else:
+        build_tiny_llama_chat(root / "chat")
+        source += " + tiny chat model"
     build_tiny_gpt2(root / "writer")
     (root / "writer" / "README.md").write_text("---\npipeline_tag: text-generation\n---\n")
     print(f"models: {source} in {root}", flush=True)
-    return root, {"classify": "sentiment", "generate": "writer", "image": "images", "source": source}
+    return root, {"classify": "sentiment", "generate": "writer", "image": "images", "chat": "chat", "embed": "embedder",
+                  "source": source}
 
 
 def free_port() -> int:
@@ -150,6 +185,16 @@ def build_request(kind: str, rng: random.Random, names: dict, images: list[bytes
     if kind == "generate_stream":
         return {"path": f"/models/{gen}", "stream": True,
                 "json": {"inputs": text, "stream": True, "parameters": {"max_new_tokens": rng.randint(4, 24)}}}
+    if kind in ("chat", "chat_stream"):
+        body = {"model": names["chat"], "max_tokens": rng.randint(4, 16), "temperature": 0,
+                "messages": [{"role": "user", "content": f"In one sentence, is this review positive? {text}"}]}
+        if kind == "chat_stream":
+            return {"path": "/v1/chat/completions", "stream": True, "json": {**body, "stream": True}}
+        return {"path": "/v1/chat/completions", "json": body}
+    if kind == "embed":
+        return {"path": f"/models/{names['embed']}", "json": {"inputs": rng.sample(SENTENCES, 2)}}
+    if kind == "embed_v1":
+        return {"path": "/v1/embeddings", "json": {"model": names["embed"], "input": text}}
     if kind == "image_raw":
         return {"path": f"/models/{img}", "content": rng.choice(images), "headers": {"content-type": "image/png"}}
     if kind == "image_base64":
@@ -178,7 +223,20 @@ def check_body(kind: str, payload) -> bool:
         return isinstance(payload, list) and payload and "label" in payload[0]
     if kind == "generate":
         return isinstance(payload, list) and isinstance(payload[0].get("generated_text"), str)
+    if kind == "chat":
+        return isinstance(payload["choices"][0]["message"]["content"], str)
+    if kind == "embed":
+        return isinstance(payload, list) and len(payload) == 2 and all(isinstance(v, float) for v in payload[0])
+    if kind == "embed_v1":
+        return isinstance(payload["data"][0]["embedding"][0], float)
     return True
+
+
+def error_shaped(path: str, payload) -> bool:
+    """Our error body, or OpenAI's on the /v1 routes."""
+    if path.startswith("/v1/"):
+        return isinstance(payload, dict) and set(payload) == {"error"} and "message" in payload["error"]
+    return isinstance(payload, dict) and set(payload) == {"error", "error_type"}
 
 
 class Stats:
@@ -191,12 +249,37 @@ class Stats:
         self.rejected = 0
 
 
+class Phases:
+    """Which phase a moment belongs to, and how many clients it has: equal shares of the run."""
+
+    def __init__(self, names: list[str], started: float, duration: float, clients: int, under_clients: int):
+        self.names, self.started, self.length = names, started, duration / len(names)
+        self.clients = {"overload": clients, "under": under_clients}
+        self.in_flight = {name: 0 for name in names}  # requests started in each phase, not answered yet
+
+    def at(self, now: float) -> str:
+        return self.names[min(len(self.names) - 1, int((now - self.started) / self.length))]
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        """(start, end) of a phase in seconds since the start."""
+        i = self.names.index(name)
+        return i * self.length, (i + 1) * self.length
+
+
 async def client_loop(index: int, client: httpx.AsyncClient, stop_at: float, names: dict, images, stats: Stats,
-                      seed: int) -> None:
+                      seed: int, phases: Phases, phase_stats: dict[str, Stats]) -> None:
     rng = random.Random(seed * 1000 + index)
     kinds, weights = list(KINDS), [w for w, _ in KINDS.values()]
     while time.monotonic() < stop_at:
+        phase = phases.at(time.monotonic())
+        if index >= phases.clients[phase]:  # not one of this phase's clients: wait for the next phase
+            await asyncio.sleep(0.2)
+            continue
+        if any(n for name, n in phases.in_flight.items() if name != phase):
+            await asyncio.sleep(0.05)  # a phase starts when the last one's requests are answered
+            continue
         kind = rng.choices(kinds, weights)[0]
+        phases.in_flight[phase] += 1
         request = build_request(kind, rng, names, images)
         expected = KINDS[kind][1]
         started = time.perf_counter()
@@ -206,7 +289,12 @@ async def client_loop(index: int, client: httpx.AsyncClient, stop_at: float, nam
                 async with client.stream("POST", request["path"], json=request["json"]) as response:
                     status = response.status_code
                     events = [line async for line in response.aiter_lines() if line.startswith("data:")]
-                    if status == 200:
+                    if status == 200 and kind == "chat_stream":  # OpenAI's chunks, then [DONE]
+                        if not events or events[-1].strip() != "data: [DONE]" or len(events) < 2:
+                            outcome = "malformed_stream"
+                        elif any("error" in json.loads(e[5:]) for e in events[:-1]):
+                            outcome = "stream_error"
+                    elif status == 200:
                         last = json.loads(events[-1][5:]) if events else {}
                         if not last.get("generated_text") and last.get("generated_text") != "":
                             outcome = "malformed_stream"
@@ -218,7 +306,7 @@ async def client_loop(index: int, client: httpx.AsyncClient, stop_at: float, nam
                 status = response.status_code
                 if status == 200 and not check_body(kind, response.json()):
                     outcome = "malformed_body"
-                elif status != 200 and set(response.json()) != {"error", "error_type"}:
+                elif status != 200 and not error_shaped(request["path"], response.json()):
                     outcome = f"malformed_error_{status}"
         except httpx.TimeoutException:
             outcome, status = "timeout", None
@@ -227,21 +315,24 @@ async def client_loop(index: int, client: httpx.AsyncClient, stop_at: float, nam
         except (ValueError, KeyError, IndexError) as exc:
             outcome, status = f"bad_payload_{type(exc).__name__}", None
         elapsed = time.perf_counter() - started
-        stats.done += 1
+        phases.in_flight[phase] -= 1
         if outcome is None:
             if status == expected or (status == 429 and kind != "bad_model"):
                 outcome = str(status)
             else:
                 outcome = f"status_{status}"
-        stats.outcomes[kind, outcome] += 1
+        for record in (stats, phase_stats[phase]):
+            record.done += 1
+            record.outcomes[kind, outcome] += 1
+            if outcome == "429":
+                record.rejected += 1
+            elif not outcome.isdigit():
+                record.unexpected[outcome] += 1
+                record.examples.setdefault(outcome, f"{kind} -> {outcome}")
+            elif outcome == "200":
+                record.latencies.append(elapsed)
         if outcome == "429":
-            stats.rejected += 1
             await asyncio.sleep(rng.uniform(0.05, 0.25))  # a polite client backs off (Retry-After says 1 s)
-        elif not outcome.isdigit():
-            stats.unexpected[outcome] += 1
-            stats.examples.setdefault(outcome, f"{kind} -> {outcome}")
-        elif outcome == "200":
-            stats.latencies.append(elapsed)
 
 
 async def warm_up(client: httpx.AsyncClient, names: dict, images: list[bytes], stats: Stats, args) -> None:
@@ -253,7 +344,10 @@ async def warm_up(client: httpx.AsyncClient, names: dict, images: list[bytes], s
     requests = [{"path": f"/models/{names['image']}", "content": biggest, "headers": {"content-type": "image/png"}},
                 {"path": f"/models/{names['classify']}", "json": {"inputs": longest}},
                 {"path": f"/models/{names['generate']}", "json": {"inputs": " ".join(longest),
-                                                                   "parameters": {"max_new_tokens": 24}}}]
+                                                                   "parameters": {"max_new_tokens": 24}}},
+                {"path": "/v1/chat/completions", "json": {"model": names["chat"], "max_tokens": 16, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": " ".join(longest)}]}},
+                {"path": f"/models/{names['embed']}", "json": {"inputs": longest}}]
 
     async def one(i: int) -> None:
         request = requests[i % len(requests)]
@@ -291,35 +385,17 @@ async def sample_server(url: str, pid: int | None, stop_at: float, samples: list
             await asyncio.sleep(1.0)
 
 
-async def run_load(url: str, pid: int | None, names: dict, args) -> dict:
-    stats, samples = Stats(), []
-    images = make_images(random.Random(args.seed))
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
-    started = time.monotonic()
-    stop_at = started + args.duration
-    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits, headers=headers) as client:
+def _median_mb(rss: list[tuple[float, int]], start: float, end: float) -> float | None:
+    values = [v for t, v in rss if start <= t < end]
+    return round(statistics.median(values) / 2**20, 1) if values else None
 
-        async def clients() -> None:
-            await warm_up(client, names, images, stats, args)
-            await asyncio.gather(*(client_loop(i, client, stop_at, names, images, stats, args.seed)
-                                   for i in range(args.clients)))
 
-        await asyncio.gather(sample_server(url, pid, stop_at, samples, headers), clients())
-    wall = time.monotonic() - started
-    warmup = min(60.0, args.duration / 3)
-    rss = [(s["t"], s["rss"]) for s in samples if s.get("rss")]
-    # RSS swings with the activations of the batches in flight (tens of MB either way from one
-    # second to the next), so single samples are compared as window medians: the window that
-    # starts at the end of warm-up vs the last window of the run. The point values are kept too.
-    window = min(30.0, warmup / 2)
-    after = [v for t, v in rss if warmup <= t < warmup + window]
-    last = [v for t, v in rss if t >= wall - window]
-    rss_mark = statistics.median(after) if after else None
-    rss_end = statistics.median(last) if last else None
-    growth = (rss_end - rss_mark) / rss_mark * 100 if rss_mark and rss_end else None
-    point_mark = next((v for t, v in rss if t >= warmup), None)
-    point_growth = (rss[-1][1] - point_mark) / point_mark * 100 if point_mark and rss else None
+def _growth(mark: float | None, end: float | None) -> float | None:
+    return round((end - mark) / mark * 100, 2) if mark and end else None
+
+
+def summarise(stats: Stats, wall: float) -> dict:
+    """Counts, rates and latency percentiles of one set of requests."""
     ok_latency = sorted(stats.latencies)
 
     def pct(p):
@@ -330,25 +406,68 @@ async def run_load(url: str, pid: int | None, names: dict, args) -> dict:
         by_kind.setdefault(kind, {})[outcome] = n
     answered = sum(n for (_, outcome), n in stats.outcomes.items() if outcome != "429")
     return {
-        "duration_s": round(wall, 1), "clients": args.clients, "max_concurrent_requests": args.max_concurrent,
-        "requests": stats.done, "throughput_rps": round(stats.done / wall, 1),
-        "answered_rps": round(answered / wall, 1),
+        "requests": stats.done, "throughput_rps": round(stats.done / wall, 1), "answered_rps": round(answered / wall, 1),
         "ok_200": sum(n for (_, o), n in stats.outcomes.items() if o == "200"),
         "rejected_429": stats.rejected,
         "expected_4xx": sum(n for (k, o), n in stats.outcomes.items() if o.isdigit() and o not in ("200", "429")),
         "unexpected": dict(stats.unexpected), "unexpected_examples": stats.examples,
         "latency_ms_200": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": pct(100)},
         "by_kind": by_kind,
+    }
+
+
+async def run_load(url: str, pid: int | None, names: dict, args) -> dict:
+    stats, samples = Stats(), []
+    phase_names = [p.strip() for p in args.phases.split(",") if p.strip()]
+    phase_stats = {name: Stats() for name in phase_names}
+    images = make_images(random.Random(args.seed))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    started = time.monotonic()
+    stop_at = started + args.duration
+    phases = Phases(phase_names, started, args.duration, args.clients, args.under_clients)
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits, headers=headers) as client:
+
+        async def clients() -> None:
+            await warm_up(client, names, images, stats, args)
+            await asyncio.gather(*(client_loop(i, client, stop_at, names, images, stats, args.seed, phases, phase_stats)
+                                   for i in range(args.clients)))
+
+        await asyncio.gather(sample_server(url, pid, stop_at, samples, headers), clients())
+    wall = time.monotonic() - started
+    rss = [(s["t"], s["rss"]) for s in samples if s.get("rss")]
+    # RSS swings with the activations of the batches in flight (tens of MB either way from one
+    # second to the next), so a minute's samples are compared as medians: minute 1-2 (minute 0-1 is
+    # warm-up) vs the last minute; for runs under 5 minutes a fifth of the run stands for a minute.
+    minute = min(60.0, args.duration / 5)
+    mark, end = _median_mb(rss, minute, 2 * minute), _median_mb(rss, args.duration - minute, args.duration + 1)
+    point_mark = next((v for t, v in rss if t >= minute), None)
+    point_growth = _growth(point_mark, rss[-1][1]) if rss else None
+    result = {
+        "duration_s": round(wall, 1), "clients": args.clients, "max_concurrent_requests": args.max_concurrent,
+        **summarise(stats, wall),
         "max_in_flight": max((s.get("in_flight", 0) for s in samples), default=None),
         "max_queue_depth": max((s.get("queue", 0) for s in samples), default=None),
         "sampler_errors": sum(1 for s in samples if "error" in s or s.get("health") not in (None, 200)),
-        "rss_mb_at_warmup": round(rss_mark / 2**20, 1) if rss_mark else None, "warmup_s": round(warmup, 1),
-        "rss_mb_end": round(rss_end / 2**20, 1) if rss_end else None,
-        "rss_growth_pct": round(growth, 2) if growth is not None else None,
-        "rss_window_s": window,
-        "rss_point_growth_pct": round(point_growth, 2) if point_growth is not None else None,
-        "rss_mb_timeline": [(t, round(v / 2**20, 1)) for t, v in rss[:: max(1, len(rss) // 20)]],
+        "rss_window_s": minute,
+        "rss_mb_minute_1_2": mark, "rss_mb_last_minute": end, "rss_growth_pct": _growth(mark, end),
+        "rss_point_growth_pct": point_growth,
+        "rss_mb_timeline": [(t, round(v / 2**20, 1)) for t, v in rss[:: max(1, len(rss) // 30)]],
+        "phases": {},
     }
+    for name in phase_names:
+        begin, finish = phases.bounds(name)
+        first = begin + minute if begin == 0 else begin  # the first phase's first minute is warm-up
+        in_flight = [s.get("in_flight", 0) for s in samples if begin <= s["t"] < finish]
+        phase_mark, phase_end = _median_mb(rss, first, first + minute), _median_mb(rss, finish - minute, finish + 1)
+        result["phases"][name] = {
+            "from_s": round(begin, 1), "to_s": round(finish, 1), "clients": phases.clients[name],
+            **summarise(phase_stats[name], finish - begin),
+            "max_in_flight": max(in_flight, default=None),
+            "rss_mb_first_minute": phase_mark, "rss_mb_last_minute": phase_end,
+            "rss_growth_pct": _growth(phase_mark, phase_end),
+        }
+    return result
 
 
 def verdict(result: dict, args) -> list[str]:
@@ -363,13 +482,20 @@ def verdict(result: dict, args) -> list[str]:
         problems.append(f"RSS grew {result['rss_growth_pct']}% (limit {args.max_rss_growth}%)")
     if result["ok_200"] == 0:
         problems.append("no request succeeded")
+    under = result["phases"].get("under")
+    if under and under["rejected_429"]:  # fewer clients than the limit: a 429 means a leaked admission slot
+        problems.append(f"{under['rejected_429']} 429s with {under['clients']} clients under the limit {args.max_concurrent}")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=180, help="seconds of load (default 180)")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the overload phase (default 32)")
+    parser.add_argument("--under-clients", type=int, default=None,
+                        help="concurrent clients of the under phase (default: half of --max-concurrent)")
+    parser.add_argument("--phases", default="overload,under",
+                        help="comma-separated phases of equal length, in order (default overload,under)")
     parser.add_argument("--max-concurrent", type=int, default=16,
                         help="the server's max_concurrent_requests (default 16: below --clients, so 429s happen)")
     parser.add_argument("--max-rss-growth", type=float, default=5.0, help="percent allowed after warm-up (default 5)")
@@ -381,17 +507,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-model", default="sentiment")
     parser.add_argument("--gen-model", default="writer")
     parser.add_argument("--image-model", default="images")
+    parser.add_argument("--chat-model", default="chat")
+    parser.add_argument("--embed-model", default="embedder")
     parser.add_argument("--tiny", action="store_true", help="tiny models even when the demo models exist")
     parser.add_argument("--url", help="load an already running server instead of starting one")
     parser.add_argument("--pid", type=int, help="with --url: the server's pid, for RSS")
     parser.add_argument("--api-key", default=os.environ.get("HF_SERVE_API_KEY"))
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "soak.json"), help="where to write the result")
     args = parser.parse_args(argv)
+    if args.under_clients is None:
+        args.under_clients = max(1, args.max_concurrent // 2)
+    if args.under_clients >= args.max_concurrent:
+        parser.error("--under-clients must be below --max-concurrent")
 
     proc = log_path = None
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
-        names = {"classify": args.text_model, "generate": args.gen_model, "image": args.image_model, "source": args.url}
+        names = {"classify": args.text_model, "generate": args.gen_model, "image": args.image_model,
+                 "chat": args.chat_model, "embed": args.embed_model, "source": args.url}
     else:
         models_dir, names = prepare_models(args)
         proc, url, log_path = start_server(models_dir, args)
@@ -426,9 +559,15 @@ def main(argv: list[str] | None = None) -> int:
           f"expected 4xx: {result['expected_4xx']}, unexpected: {result['unexpected'] or 0}")
     print(f"latency of 200s (ms): {result['latency_ms_200']}; max in flight {result['max_in_flight']}, "
           f"max queue depth {result['max_queue_depth']}")
-    print(f"RSS (median of {result['rss_window_s']:.0f}s windows): {result['rss_mb_at_warmup']} MB after "
-          f"{result['warmup_s']}s warm-up -> {result['rss_mb_end']} MB at the end ({result['rss_growth_pct']}%; "
+    print(f"RSS (median of {result['rss_window_s']:.0f}s of samples): {result['rss_mb_minute_1_2']} MB in minute 1-2 "
+          f"-> {result['rss_mb_last_minute']} MB in the last minute ({result['rss_growth_pct']}%; "
           f"single samples: {result['rss_point_growth_pct']}%)")
+    for name, phase in result["phases"].items():
+        print(f"  phase {name} ({phase['from_s']:.0f}-{phase['to_s']:.0f}s, {phase['clients']} clients): "
+              f"{phase['requests']} requests, {phase['answered_rps']} answered/s, 429: {phase['rejected_429']}, "
+              f"p50/p95 {phase['latency_ms_200']['p50']}/{phase['latency_ms_200']['p95']} ms, max in flight "
+              f"{phase['max_in_flight']}; RSS {phase['rss_mb_first_minute']} -> {phase['rss_mb_last_minute']} MB "
+              f"({phase['rss_growth_pct']}%)")
     for kind, outcomes in result["by_kind"].items():
         print(f"  {kind:20s} {outcomes}")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems), f"(details: {args.json})")

@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (ops, models, inference, openai):
         app.include_router(module.router)
-    install_openapi(app, openai.SCHEMAS)
+    install_openapi(app, settings, registry, openai.SCHEMAS, openai.schema_limits(settings))
     return app
 
 

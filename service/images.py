@@ -141,9 +141,13 @@ async def _read_multipart(request: Request, params_model: type[BaseModel]) -> tu
             raise ApiError(422, "parameters: not valid JSON", "validation") from None
         if not isinstance(fields, dict):
             raise ApiError(422, "parameters: must be a JSON object", "validation")
-    for key in ("top_k", "function_to_apply"):
-        if key in form:
-            fields[key] = str(form[key])
+    for key, value in form.items():
+        if hasattr(value, "read"):
+            continue
+        if key in ("top_k", "function_to_apply"):
+            fields[key] = str(value)
+        elif key != "parameters":  # as a JSON body's unknown fields
+            raise ApiError(422, f"{key}: unknown field (fields: file, top_k, function_to_apply)", "validation")
     return raw, validate(params_model, fields)
 
 

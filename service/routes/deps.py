@@ -27,7 +27,7 @@ from ..settings import Settings
 log = logging.getLogger("service")
 # Open even with an API key: liveness and readiness (what probes ask; no model data), and static
 # pages that hold no model or request data (the playground asks for the key itself; the OpenAPI
-# document is the same for every deployment).
+# document names the models only to a caller who sent the key).
 PUBLIC_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs/oauth2-redirect",
                 "/openapi.json", "/redoc"}
 
@@ -49,13 +49,20 @@ RegistryDep = Annotated[Registry, Depends(_registry)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With an API key set, every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`."""
-    if settings.api_key is None or request.url.path in PUBLIC_PATHS:
-        return
+def may_see_models(request: Request, settings: Settings) -> bool:
+    """No API key is set, or the request carries it (`Authorization: Bearer <key>`)."""
+    if settings.api_key is None:
+        return True
     expected = settings.api_key.get_secret_value().encode()
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+
+
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With an API key set, every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`."""
+    if request.url.path in PUBLIC_PATHS:
+        return
+    if not may_see_models(request, settings):
         raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "unauthorized",
                        {"WWW-Authenticate": "Bearer"})
 

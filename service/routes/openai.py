@@ -26,6 +26,7 @@ from ..errors import ApiError
 from ..openapi_doc import RETRY
 from ..registry import Entry
 from ..request_parsing import read_json_data, validate
+from ..settings import Settings
 from ..tasks import Call
 from ..tasks.feature_extraction import FeatureExtractionRequest
 from ..tasks.text_generation import GenerationParameters, GenerationResult, Prompt, TokenStream
@@ -66,7 +67,8 @@ class SamplingFields(OpenAIBody):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; default 1 (sampling), as OpenAI.")
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, description="Up to 8 strings; the text ends before the first one.")
+    stop: str | Annotated[list[str], Field(max_length=8)] | None = Field(
+        None, description="Up to 8 strings; the text ends before the first one.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int | None = Field(None, ge=1, le=1, description="1 only.")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="0 only.")
@@ -86,7 +88,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="One prompt, or several (one choice each; not with stream).")
+    # With stream, one prompt (a string or a list of one).
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        "then": {"properties": {"prompt": {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 1}]}}}})
+
+    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(description="One prompt, or several (one choice each; not with stream).")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=0, description="0 only.")
     suffix: None = Field(None, description="Unsupported.")
@@ -95,7 +102,8 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(OpenAIBody):
     model: str
-    input: str | list[str] = Field(description="One text or a list of texts (token-id inputs are not accepted).")
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="One text or a list of texts (token-id inputs are not accepted).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -104,7 +112,7 @@ class EmbeddingRequest(OpenAIBody):
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     cached = getattr(request.state, "openai_body", None)
     if cached is None:
-        cached = request.state.openai_body = validate(model, await read_json_data(request), strict=False)
+        cached = request.state.openai_body = validate(model, await read_json_data(request), strict=True)
     return cached
 
 
@@ -115,9 +123,14 @@ def _leased(model: type[BaseModel], task: str):
         body = await _body(request, model)
         name = request.path_params.get("name") or body.model
         async with serving(name, request) as entry:
+            # A model this route does not serve is not found here (OpenAI answers 404 too, e.g. for a
+            # chat model on /v1/completions): the document can then call any name valid.
             if entry.task != task:
-                raise ApiError(422, f"model: {name!r} is a {entry.task} model; {request.url.path} serves {task} models",
-                               "validation")
+                raise ApiError(404, f"model: {name!r} is a {entry.task} model; {request.url.path} serves {task} models",
+                               "not_found")
+            if model is ChatCompletionRequest and not getattr(entry.runner.tokenizer, "chat_template", None):
+                raise ApiError(404, f"model: {name!r} has no chat template (use /v1/completions with a plain prompt)",
+                               "not_found")
             yield body, entry
 
     return dependency
@@ -270,17 +283,19 @@ async def _chat(request: Request, body: ChatCompletionRequest, entry: Entry, set
 
 
 OPENAI_ERROR = {"model": schemas.OpenAIErrorResponse}
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "JSON of one chunk (or of an error), or [DONE] at the end"}}}
 V1_AUTH = {401: {**OPENAI_ERROR, "description": "Missing or wrong API key (only when one is configured)"}}
 
 
 def _responses(ok: str, error: dict) -> dict:
     return {
-        200: {"description": ok, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        200: {"description": ok, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
         401: {**error, "description": "Missing or wrong API key (only when one is configured)"},
-        404: {**error, "description": "No such model"},
         408: {**error, "description": "The body took longer than body_timeout_s"},
         413: {**error, "description": "The body, its text or its prompt is too large"},
-        422: {**error, "description": "Invalid body, a model of another task, or a model without a chat template"},
+        404: {**error, "description": "No such model, a model of another task, or (chat) a model without a chat template"},
+        422: {**error, "description": "Invalid body, or messages the model's chat template refuses"},
         429: {**error, **RETRY, "description": "More than max_concurrent_requests in flight"},
         500: {**error, "description": "The model failed; the error id is in the server log"},
         503: {**error, **RETRY, "description": "The model is loading, or its folder failed to load"},
@@ -380,3 +395,12 @@ async def list_models(registry: RegistryDep) -> dict:
 
 
 SCHEMAS = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+
+
+def schema_limits(settings: Settings) -> dict[str, dict[str, dict]]:
+    """The server's caps on these bodies, for the OpenAPI document (service/openapi_doc.py)."""
+    tokens = {"maximum": settings.max_new_tokens}
+    texts = {"maxItems": settings.max_client_batch_size}
+    return {"ChatCompletionRequest": {"max_tokens": tokens, "max_completion_tokens": tokens},
+            "CompletionRequest": {"max_tokens": tokens, "prompt": texts},
+            "EmbeddingRequest": {"input": texts}}

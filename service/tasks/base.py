@@ -113,6 +113,18 @@ class ServedTask:
     response_schema: ClassVar[dict] = {}
     response_description: ClassVar[str] = ""
     stream_content: ClassVar[dict[str, dict]] = {}
+    #: error statuses only this task answers, besides the common ones (service/openapi_doc.py)
+    error_responses: ClassVar[dict[int, str]] = {}
+
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        """The server's caps on this task's request fields, as JSON-schema keywords for the document:
+        {schema name: {property: {"maximum": ...}}}."""
+        return {}
+
+    def model_constraints(self, runner: Any) -> dict[str, dict[str, dict]]:
+        """What one loaded model takes beyond its task's schemas (e.g. its own prompt names), for its
+        path in the document: {schema name: {property: schema}}."""
+        return {}
 
     def recognises(self, path: Path, card: dict, config: dict) -> bool:
         """A folder is this task for a reason besides its pipeline tag or architecture (checked after

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..errors import InputError
 from ..folders import InvalidFolder
@@ -32,20 +32,13 @@ POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens
 
 
 class FeatureExtractionRequest(StrictBody):
-    inputs: str | list[str] = Field(description="One text, or a list of texts (one vector per text).")
+    inputs: str | Annotated[list[str], Field(min_length=1)] = Field(description="One text, or a list of texts (one vector per text).")
     normalize: bool = Field(True, description="Scale each vector to unit length (TEI's default).")
     truncate: bool = Field(True, description="Cut inputs longer than the model's max length (true) or refuse them with 422 (false).")
     truncation_direction: Literal["right", "left"] = Field("right", description="Which end of a long input is cut.")
     prompt_name: str | None = Field(None, description="A prompt of the model's config_sentence_transformers.json to prepend.")
     dimensions: int | None = Field(None, ge=1, description="Keep only the first N dimensions (Matryoshka models), before normalizing.")
     encoding_format: Literal["float"] | None = Field(None, description="float only.")
-
-    @field_validator("inputs")
-    @classmethod
-    def _not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must contain at least one text")
-        return value
 
 
 class SentenceSimilarityInputs(StrictBody):
@@ -166,6 +159,17 @@ class FeatureExtraction(ServedTask):
                        "title": "FeatureExtractionOutput"}
     response_description = ("feature-extraction: one vector per input (sentence-similarity inputs: one "
                             "cosine similarity per sentence)")
+
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        # sentence-similarity: the source sentence counts as one of the texts
+        return {"FeatureExtractionRequest": {"inputs": {"maxItems": settings.max_client_batch_size}},
+                "SentenceSimilarityInputs": {"sentences": {"maxItems": settings.max_client_batch_size - 1}}}
+
+    def model_constraints(self, runner: FeatureExtractionRunner) -> dict[str, dict[str, dict]]:
+        names = sorted(runner.prompts)
+        prompt = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]} if names else {"type": "null"}
+        dimensions = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": runner.dimension}, {"type": "null"}]}
+        return {"FeatureExtractionRequest": {"prompt_name": prompt, "dimensions": dimensions}}
 
     def recognises(self, path: Path, card: dict, config: dict) -> bool:
         return (path / "modules.json").is_file()

@@ -4,12 +4,12 @@ input, batched across requests (Inference API shape; `InferenceClient.text_class
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..request_parsing import read_json
 from ..settings import Settings
@@ -19,16 +19,9 @@ from .text_inputs import TextEncoder, check_client_batch, check_request_chars, s
 
 
 class TextClassificationRequest(StrictBody):
-    inputs: str | list[str] = Field(description="One text, or a list of texts (one result list per text).")
+    inputs: str | Annotated[list[str], Field(min_length=1)] = Field(description="One text, or a list of texts (one result list per text).")
     parameters: ClassificationParameters = Field(default_factory=ClassificationParameters)
     options: dict[str, Any] | None = Field(None, description="Accepted for compatibility with the legacy Inference API; ignored.")
-
-    @field_validator("inputs")
-    @classmethod
-    def _not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must contain at least one text")
-        return value
 
 
 class TextClassificationRunner(ClassifierRunner):
@@ -63,6 +56,9 @@ class TextClassification(ServedTask):
     response_schema = {"type": "array", "items": {"type": "array", "items": {"$ref": "#/components/schemas/ClassificationOutput"}},
                        "title": "TextClassificationOutput"}
     response_description = "text-classification: one list of labels per input"
+
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        return {"TextClassificationRequest": {"inputs": {"maxItems": settings.max_client_batch_size}}}
 
     def load(self, path: Path, settings: Settings) -> TextClassificationRunner:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -46,11 +46,8 @@ class GenerationParameters(StrictBody):
     details: bool | None = Field(None, description="Return token ids, log-probabilities and the finish reason.")
     decoder_input_details: bool | None = Field(None, description="With details: also list the prompt tokens (prefill).")
     best_of: int | None = Field(None, ge=1, le=1, description="Unsupported beyond 1.")
-    watermark: bool | None = Field(None, description="Unsupported (false only).")
-    top_n_tokens: int | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
-    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
-    adapter_id: None = Field(None, description="Unsupported.")
-    grammar: None = Field(None, description="Unsupported.")
+    # bool, not Literal[False]: a Literal would take 0 (0 == False)
+    watermark: bool | None = Field(None, description="Unsupported (false only).", json_schema_extra={"enum": [False, None]})
 
     @field_validator("watermark")
     @classmethod
@@ -58,10 +55,15 @@ class GenerationParameters(StrictBody):
         if value:
             raise ValueError("watermarking is not supported")
         return value
+    top_n_tokens: int | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Unsupported (0 only).")
+    adapter_id: None = Field(None, description="Unsupported.")
+    grammar: None = Field(None, description="Unsupported.")
+
 
 
 class TextGenerationRequest(StrictBody):
-    inputs: str = Field(description="The prompt.")
+    inputs: str = Field(min_length=1, description="The prompt (not empty, as TGI).")
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     stream: bool = Field(False, description="Server-sent events, one per token (TGI's /generate_stream shape).")
     options: dict[str, Any] | None = None
@@ -278,6 +280,9 @@ class TextGeneration(ServedTask):
                                 "description": "JSON: {index, token, top_tokens, generated_text, "
                                                "details} as TGI's /generate_stream, or {error, error_type}"}},
     }, "description": "One server-sent event per token"}}
+
+    def schema_limits(self, settings: Settings) -> dict[str, dict[str, dict]]:
+        return {"GenerationParameters": {"max_new_tokens": {"maximum": settings.max_new_tokens}}}
 
     def worker(self, name: str, runner: TextGenerationRunner, settings: Settings, metrics: Metrics) -> GenerationScheduler:
         return GenerationScheduler(name, runner, settings, metrics)

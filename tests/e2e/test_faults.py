@@ -212,13 +212,14 @@ def test_sigterm_drains_in_flight_requests(pristine_models, tmp_path):
 
 
 def test_short_soak(tmp_path):
-    """benchmarks/soak.py for 10 s: 32 clients over a limit of 16, all three tasks and bad requests.
-    No unexpected outcome (no 5xx, no timeout), the overflow answered with 429s, in-flight never above
-    the limit. (RSS growth is judged by the real, minutes-long soak; 10 s is all warm-up, so only a
-    gross leak fails here.)"""
+    """benchmarks/soak.py for 10 s: 32 clients over a limit of 16 for 5 s, then 8 (no 429 may happen),
+    all four tasks and bad requests (tiny models). No unexpected outcome (no 5xx, no timeout), the overflow
+    answered with 429s, in-flight never above the limit, RSS within 10 % from seconds 2-4 to the last
+    2 s (a leak of the tiny models' requests shows at that scale; `make bench-soak` holds 5 % for
+    10 minutes)."""
     out = tmp_path / "soak.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--duration", "10", "--clients", "32",
-                             "--max-concurrent", "16", "--tiny", "--max-rss-growth", "50", "--json", str(out),
+                             "--max-concurrent", "16", "--tiny", "--max-rss-growth", "10", "--json", str(out),
                              # one warm-up burst: on a slow CPU five would use up the 10 s before any bad request
                              "--warmup-bursts", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -227,5 +228,9 @@ def test_short_soak(tmp_path):
     assert summary["unexpected"] == {} and summary["problems"] == []
     assert summary["ok_200"] > 0 and summary["rejected_429"] > 0 and summary["expected_4xx"] > 0
     assert summary["max_in_flight"] <= 16
-    assert set(summary["by_kind"]) >= {"classify", "generate", "generate_stream", "image_raw", "bad_json"}
+    # several kinds, good and bad (10 s on a busy 2-core CPU draws only a few dozen requests: which
+    # kinds is luck; the 10-minute soak draws them all)
+    drawn = set(summary["by_kind"]) - {"warmup"}
+    assert len(drawn) >= 3 and drawn & {"classify", "classify_batch", "image_raw", "generate"}, summary["by_kind"]
+    assert summary["phases"]["under"]["rejected_429"] == 0
     assert summary["server_log_errors"] == 0

@@ -82,6 +82,9 @@ def test_public_routes_hold_no_data(keyed):
         assert "sentiment" not in response.text and "mobilenet" not in response.text, path
         assert KEY not in response.text, path
     assert client.get("/health").json() == {"status": "ok"}
+    # with the key, the document has one path per model; without it, the template path only
+    assert "/models/sentiment" in client.get("/openapi.json", headers=GOOD).json()["paths"]
+    assert "/models/{name}" in client.get("/openapi.json", headers={"Authorization": "Bearer nope"}).json()["paths"]
 
 
 def test_key_is_compared_in_constant_time(keyed, monkeypatch):

@@ -108,12 +108,12 @@ def hidden_leftovers(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The final training state of a run: its last checkpoint in the run folder.
 
-_NUMPY_RNG = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
+NUMPY_RNG = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
 
 
 def training_state(checkpoint: Path) -> dict:
     """Everything `accelerator.save_state` and the loop wrote, loaded without unpickling code."""
-    with torch.serialization.safe_globals(_NUMPY_RNG):  # numpy's RNG state is an array
+    with torch.serialization.safe_globals(NUMPY_RNG):  # numpy's RNG state is an array
         rng = torch.load(checkpoint / "random_states_0.pkl", weights_only=True)
     return {
         "model": load_file(checkpoint / "model.safetensors"),

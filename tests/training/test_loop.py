@@ -14,9 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.training.subprocess_runs import (
+    NUMPY_RNG,
     assert_same_final_state,
     error_line,
     final_checkpoint,
@@ -235,3 +238,41 @@ def test_two_cpu_processes_ddp(two_process_run):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step_3", "step_6"]
     assert (checkpoints / "step_6" / "random_states_1.pkl").is_file()  # per-process RNG state
     assert not (out / "checkpoints").exists()
+
+
+DDP_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def test_two_process_ddp_run_killed_then_resumed_matches_uninterrupted_run(tiny_gpt2, rt_small, tmp_path_factory):
+    """`accelerate launch` with 2 CPU processes (gloo DDP), both SIGKILLed right after step 7: resumed
+    from step_4 it ends with the uninterrupted 2-process run's weights, AdamW moments, schedule, the
+    RNG streams of *both* ranks, step and data position, and the best model is picked after the resume."""
+    train, test = rt_small
+    # lm_args' 20 steps of 4x2 blocks per process become 10 with two processes: 2 epochs of 6 steps here
+    args = [*lm_args(tiny_gpt2, train, test), "--per_device_train_batch_size", "2", "--max_train_samples", "40"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    reference, cwd = tmp_path_factory.mktemp("ddp-reference"), tmp_path_factory.mktemp("ddp-resumed")
+    ref = finetune(args, reference, env, DDP_LAUNCHER)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "2 process(es)" in ref.stderr
+    killed = finetune(args, cwd, {**env, "KILL_AT_STEP": "7"}, DDP_LAUNCHER, faults=True)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    checkpoints = cwd / "runs" / "run" / "checkpoints"
+    assert "step_4" in {p.name for p in checkpoints.iterdir()} and not (checkpoints / "step_8").exists()
+    assert not (cwd / "models" / "run").exists()
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], cwd, env, DDP_LAUNCHER)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from runs/run/checkpoints/step_4 " in resumed.stderr
+
+    assert_same_final_state(cwd / "runs" / "run", reference / "runs" / "run", "(2-process DDP)")
+    got, ref_dir = final_checkpoint(cwd / "runs" / "run"), final_checkpoint(reference / "runs" / "run")
+    with torch.serialization.safe_globals(NUMPY_RNG):  # rank 1's RNG streams too (rank 0's: above)
+        rng_got, rng_ref = (torch.load(d / "random_states_1.pkl", weights_only=True) for d in (got, ref_dir))
+    assert rng_got["random_state"] == rng_ref["random_state"]
+    assert np.array_equal(rng_got["numpy_random_seed"][1], rng_ref["numpy_random_seed"][1])
+    assert torch.equal(rng_got["torch_manual_seed"], rng_ref["torch_manual_seed"])
+    ref_res, res = (json.loads((p / "models" / "run" / "all_results.json").read_text()) for p in (reference, cwd))
+    assert res["train_steps"] == ref_res["train_steps"] > 8
+    assert res["best_step"] == ref_res["best_step"] > 4  # chosen by the resumed part of the run
+    assert res["eval_perplexity"] == pytest.approx(ref_res["eval_perplexity"], rel=1e-4)
