@@ -11,7 +11,7 @@ Export: `torch.onnx.export` with the TorchScript exporter first (2-8 s for the s
 cores; it handles every architecture the tests build), the torch.export-based one (`dynamo=True`,
 5-10x slower to export here) only when the first fails. Batch and sequence axes are dynamic.
 The exported session must agree with torch on every probe batch (float32: 1e-4 + 1e-3 of the largest
-output; int8: a relative error bound) or the model stays on torch, with one log line saying why.
+output; int8: class probabilities within 0.15, token vectors within cosine distance 0.1) or the model stays on torch, with one log line saying why.
 
 Threads: the session runs on the torch thread (service/torch_thread.py), like every forward pass,
 so one model's forward pass at a time uses the cores, whichever backend runs it; ONNX Runtime's own
@@ -41,8 +41,10 @@ from .settings import Settings
 log = logging.getLogger("service.onnx")
 OPSET = 18
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
-# int8 weights move every output a little: bounded relative to the output's size (Frobenius norms).
-INT8_MAX_RELATIVE_ERROR = 0.2
+# int8 weights move every output a little. Bounds on what a caller reads: a class probability, the
+# direction of a token vector. (Measured on the demo MiniLM: 0.02-0.05; on tiny random models up to 0.1.)
+INT8_MAX_PROBABILITY_ERROR = 0.15
+INT8_MAX_COSINE_DISTANCE = 0.1
 # Missing inputs the graph has (a smoke test that sends only input_ids): what the model assumes.
 _DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
 
@@ -177,14 +179,26 @@ def disagreement(onnx_model: OnnxModel, torch_model, probes: list[dict[str, torc
         if ref.ndim == 3 and "attention_mask" in batch:
             mask = batch["attention_mask"].numpy().astype(bool)
             ref, got = ref[mask], got[mask]
-        if int8:
-            error = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
-            ok = ok and error <= INT8_MAX_RELATIVE_ERROR
+        if int8 and ref.ndim == 2:  # logits: what the caller sees are the probabilities
+            error = float(np.abs(_softmax(got) - _softmax(ref)).max())
+            ok = ok and error <= INT8_MAX_PROBABILITY_ERROR
+        elif int8:  # per-token vectors: their direction (what pooling and cosine similarity read)
+            error = float(1 - _cosine(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])).min())
+            ok = ok and error <= INT8_MAX_COSINE_DISTANCE
         else:
             error = float(np.abs(got - ref).max())
             ok = ok and error <= FP32_ATOL + FP32_RTOL * float(np.abs(ref).max())
         worst = max(worst, error)
     return worst, ok
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
 def _why_not(runner, settings: Settings) -> str | None:
@@ -254,7 +268,7 @@ def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Ba
     name = "onnx-int8" if int8 else "onnx"
     file = str(target) if folder != Path(scratch) else None
     if not ok:
-        what = "relative error" if int8 else "max abs difference"
+        what = ("largest probability or cosine difference" if int8 else "max abs difference")
         return Backend("torch", note=f"{name} disagrees with torch on the probe inputs ({what} {error:.3g})",
                        file=file, exporter=exporter, max_error=error), None
     note = None
