@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser test lint demo demo-train bench bench-soak fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
+.PHONY: install assets browser test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,7 @@ bench: install assets
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/quality.py
+	$(MAKE) bench-onnx
 	$(MAKE) bench-soak
 
 # SOAK_MINUTES (default 10) of mixed load, all tasks with real SmolLM2 chat (benchmarks/README_soak.md): fails on
@@ -100,6 +101,12 @@ bench-soak: install assets
 FUZZ_MINUTES ?= 5
 fuzz: install assets
 	$(PY) benchmarks/fuzz.py --minutes $(FUZZ_MINUTES)
+
+# The ONNX Runtime backend against torch (accuracy on the full RT and Fashion-MNIST test sets, speed);
+# needs the demo models (make demo-train); onnx and onnxruntime come with the dev extra. About 20 min
+# on 2 shared cores.
+bench-onnx: install assets demo-train
+	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache

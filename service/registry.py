@@ -26,6 +26,7 @@ from .errors import ModelNotFound, ModelUnavailable
 from .folders import FolderInfo, InvalidFolder, folder_signature, inspect_folder, is_candidate
 from .loading import load_runner
 from .metrics import Metrics
+from .onnx_backend import describe as describe_backend
 from .settings import Settings
 from .tasks import TASKS
 
@@ -68,6 +69,8 @@ class Entry:
             "results": info.results if info else None,
             "loaded_at": self.loaded_at,
             "chat_template": bool(info and info.chat_template),
+            **(describe_backend(getattr(self.runner, "backend", None)) if self.runner is not None
+               else {"backend": None, "backend_note": None}),
         }
 
     def retire(self) -> None:

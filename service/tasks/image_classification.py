@@ -106,6 +106,9 @@ class FastImagePreprocess:
 
 
 class ImageClassificationRunner(ClassifierRunner):
+    onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
+    onnx_int8 = False  # quantize=int8 leaves image models in float32 (docs/performance.md, ONNX Runtime)
+
     def __init__(self, model, image_processor):
         super().__init__(model)
         self.processor = image_processor
@@ -123,18 +126,31 @@ class ImageClassificationRunner(ClassifierRunner):
     # model this many images at a time; on a GPU in one go.
     CPU_IMAGES_PER_FORWARD = 4
 
-    def run_batch(self, prepared: list[list[Any]], params: list[Any]) -> list[list[dict]]:
-        images = [img for imgs in prepared for img in imgs]
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """Prepared images (arrays from the fast path, or PIL images) -> one float batch on the model's device."""
         if self.fast is not None:
             pixel_values = torch.from_numpy(np.stack(images))
         else:
             pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(self.model.device, self.model.dtype)
+        return pixel_values.to(self.model.device, self.model.dtype)
+
+    def run_batch(self, prepared: list[list[Any]], params: list[Any]) -> list[list[dict]]:
+        images = [img for imgs in prepared for img in imgs]
+        pixel_values = self.pixel_values(images)
         step = self.CPU_IMAGES_PER_FORWARD if self.model.device.type == "cpu" else len(images)
         with torch.inference_mode():
             logits = torch.cat([self.model(pixel_values=pixel_values[i:i + step]).logits
                                 for i in range(0, len(images), step)])
         return self.finish_rows(logits.float().cpu(), list(params))
+
+    def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
+        """Three images of different sizes and colours as one batch, and one alone."""
+        rng = np.random.default_rng(0)
+        images = [Image.new("RGB", (32, 32), (128, 128, 128)),
+                  Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)),
+                  Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))]
+        prepared = [self.prepare((image, None))[0][0] for image in images]
+        return [{"pixel_values": self.pixel_values(prepared)}, {"pixel_values": self.pixel_values(prepared[:1])}]
 
     def smoke(self):
         pixels = self.processor(images=[Image.new("RGB", (32, 32), (128, 128, 128))], return_tensors="pt")["pixel_values"]

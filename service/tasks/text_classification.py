@@ -25,6 +25,8 @@ class TextClassificationRequest(StrictBody):
 
 
 class TextClassificationRunner(ClassifierRunner):
+    onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
+
     def __init__(self, model, tokenizer, settings: Settings):
         super().__init__(model)
         self.tokenizer = tokenizer
@@ -39,6 +41,9 @@ class TextClassificationRunner(ClassifierRunner):
         logits = self.encoder.forward_rows(flat, lambda batch: self.model(**batch).logits)
         rows = self.finish_rows(torch.stack(logits), [p for encs, p in zip(prepared, params, strict=True) for _ in encs])
         return split_rows(rows, prepared)
+
+    def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
+        return self.encoder.probe_batches()
 
     def smoke(self):
         ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"][:, :8]

@@ -97,6 +97,14 @@ class TextEncoder:
         chunks.append(current)
         return chunks
 
+    # Inputs of different lengths, so that a probe batch is padded (ONNX export and its check).
+    PROBE_TEXTS = ("Hello world", "A longer sentence, with some punctuation, to pad the others against.", "ok")
+
+    def probe_batches(self) -> list[dict[str, torch.Tensor]]:
+        """A padded batch of three texts and a single text, as `forward_rows` feeds the model."""
+        encodings = [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
+        return [self.pad(encodings), self.pad(encodings[:1])]
+
     def forward_rows(self, flat: list[dict], forward) -> list[torch.Tensor]:
         """`forward(batch) -> tensor (rows, ...)` over each chunk; one output row per input, in order."""
         device = self.model.device

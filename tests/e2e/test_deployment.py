@@ -65,6 +65,9 @@ SERVER_ENV = [
     "HF_SERVE_RELOAD_INTERVAL_S",
     "HF_SERVE_CORS_ORIGINS",
     "HF_SERVE_LOG_LEVEL",
+    "HF_SERVE_BACKEND",
+    "HF_SERVE_QUANTIZE",
+    "HF_SERVE_ONNX_CACHE",
 ]
 # Fixed inside the container: the image's layout decides them, not the user.
 CONTAINER_FIXED = {"HF_SERVE_MODELS_DIR": "/app/models", "HF_SERVE_HOST": "0.0.0.0"}

@@ -1,0 +1,283 @@
+"""The ONNX Runtime backend (`backend=onnx`): a loaded torch runner's model swapped for an ONNX
+Runtime session of the same model, exported once per folder version (service/onnx_cache.py).
+
+A runner that can run on ONNX Runtime says so with two attributes: `onnx_output` (the name of the
+model output it reads: `logits`, `last_hidden_state`) and `onnx_probe()` (a few input batches of
+different shapes, padded as the runner pads them). Everything around the forward pass (tokenizing,
+padding, sub-batching, pooling, softmax, ranking) stays the runner's own code: `OnnxModel` takes
+the torch model's place and answers the same call.
+
+Export: `torch.onnx.export` with the TorchScript exporter first (2-8 s for the served models on 2
+cores; it handles every architecture the tests build), the torch.export-based one (`dynamo=True`,
+5-10x slower to export here) only when the first fails. Batch and sequence axes are dynamic.
+The exported session must agree with torch on every probe batch (float32: 1e-4 + 1e-3 of the largest
+output; int8: class probabilities within 0.15, token vectors within cosine distance 0.1) or the model stays on torch, with one log line saying why.
+
+Threads: the session runs on the torch thread (service/torch_thread.py), like every forward pass,
+so one model's forward pass at a time uses the cores, whichever backend runs it; ONNX Runtime's own
+intra-op pool has `torch_threads` threads (torch's count when unset), counting the calling thread.
+Its pool does not spin-wait between runs (`allow_spinning` 0): spinning workers would take the cores
+from the next torch forward pass or the batcher's tokenizing, the slowdown torch_thread.py exists to
+avoid (docs/performance.md, ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import onnx_cache
+from .folders import FolderInfo, read_adapter
+from .settings import Settings
+
+log = logging.getLogger("service.onnx")
+OPSET = 18
+FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
+# int8 weights move every output a little. Bounds on what a caller reads: a class probability, the
+# direction of a token vector. (Measured on the demo MiniLM: 0.02-0.05; on tiny random models up to 0.1.)
+INT8_MAX_PROBABILITY_ERROR = 0.15
+INT8_MAX_COSINE_DISTANCE = 0.1
+# Missing inputs the graph has (a smoke test that sends only input_ids): what the model assumes.
+_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
+
+
+@dataclass
+class Backend:
+    """Which runtime serves a model, and why (what GET /models shows)."""
+
+    name: str  # torch | onnx | onnx-int8
+    note: str | None = None  # why torch when onnx was asked for; or the export it runs
+    file: str | None = None
+    exporter: str | None = None
+    max_error: float | None = None  # largest disagreement with torch on the probe inputs
+    seconds: float | None = None  # export (or cache read) + check
+
+
+TORCH = Backend("torch")
+
+
+class ExportMismatch(RuntimeError):
+    """The exported graph does not compute what the torch model computes."""
+
+
+class OnnxModel:
+    """Stands in for a torch model inside a runner: called with the same keyword tensors, returns an
+    object whose `output` attribute holds the (float32, CPU) result; keeps `config`."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, session, config, output: str):
+        self.session, self.config, self.output = session, config, output
+        # The graph's own inputs: an input the model never reads (DeBERTa's token_type_ids) is pruned.
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def __call__(self, **inputs: torch.Tensor) -> SimpleNamespace:
+        reference = next(iter(inputs.values()))
+        feed = {}
+        for name in self.input_names:
+            value = inputs.get(name)
+            if value is None:
+                value = _DEFAULTS[name](reference)
+            feed[name] = value.cpu().numpy()
+        (out,) = self.session.run([self.output], feed)
+        return SimpleNamespace(**{self.output: torch.from_numpy(out)})
+
+
+class _Exportable(torch.nn.Module):
+    """The model with positional tensor inputs and one tensor output, as the exporters want it."""
+
+    def __init__(self, model, input_names: list[str], output: str):
+        super().__init__()
+        self.model, self.input_names, self.output = model, input_names, output
+
+    def forward(self, *tensors):
+        return getattr(self.model(**dict(zip(self.input_names, tensors, strict=True))), self.output)
+
+
+def _axes(name: str, tensor: torch.Tensor) -> dict[int, str]:
+    # Text inputs (batch, tokens): both dynamic. Images (batch, channels, h, w): the batch only
+    # (the processor fixes the size).
+    return {0: "batch", 1: "sequence"} if tensor.dim() == 2 else {0: "batch"}
+
+
+def export(model, example: dict[str, torch.Tensor], output: str, target: Path) -> str:
+    """Write `model` as ONNX to `target`; returns the exporter that worked ("torchscript" or "dynamo")."""
+    import warnings
+
+    names = list(example)
+    wrapped = _Exportable(model, names, output).eval()
+    args = tuple(example[n] for n in names)
+    with torch.inference_mode(False), torch.no_grad():
+        out_dims = wrapped(*args).dim()
+        output_axes = {0: "batch", 1: "sequence"} if out_dims == 3 else {0: "batch"}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
+                torch.onnx.export(wrapped, args, str(target), input_names=names, output_names=[output],
+                                  dynamic_axes={**{n: _axes(n, example[n]) for n in names}, output: output_axes},
+                                  opset_version=OPSET, dynamo=False)
+            return "torchscript"
+        except Exception as exc:
+            log.info("TorchScript export failed (%s: %s); trying the dynamo exporter", type(exc).__name__,
+                     str(exc)[:200])
+        batch, sequence = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
+        shapes = tuple({0: batch, 1: sequence} if example[n].dim() == 2 else {0: batch} for n in names)
+        torch.onnx.export(wrapped, args, str(target), input_names=names, output_names=[output],
+                          dynamic_shapes=(shapes,), opset_version=OPSET, dynamo=True, optimize=True)
+        return "dynamo"
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of MatMul and Gemm (ONNX Runtime's recipe for transformer encoders on
+    CPU): int8 weights with one scale per output channel, activations quantized at run time. Per
+    channel, not per tensor: on the demo MiniLM (RT, 2,121 sentences) per tensor lost 0.57 pt of
+    accuracy against float32, per channel 0.24 (docs/performance.md, ONNX Runtime)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def session(path: Path, threads: int):
+    """An ONNX Runtime CPU session: `threads` intra-op threads, no spinning between runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def disagreement(onnx_model: OnnxModel, torch_model, probes: list[dict[str, torch.Tensor]], output: str,
+                 int8: bool) -> tuple[float, bool]:
+    """(largest error over the probes, whether it is within tolerance). Padded positions of a
+    per-token output are not compared (the runner never reads them)."""
+    worst, ok = 0.0, True
+    for batch in probes:
+        with torch.inference_mode():
+            ref = getattr(torch_model(**batch), output).float().cpu().numpy()
+        try:
+            got = getattr(onnx_model(**batch), output).numpy()
+        except Exception as exc:  # e.g. a shape the tracer baked in: the graph fails on other lengths
+            raise ExportMismatch(f"the exported model fails on a probe batch of shape "
+                                 f"{tuple(next(iter(batch.values())).shape)}: {str(exc)[:200]}") from None
+        if got.shape != ref.shape or not np.isfinite(got).all():
+            return float("inf"), False
+        if ref.ndim == 3 and "attention_mask" in batch:
+            mask = batch["attention_mask"].numpy().astype(bool)
+            ref, got = ref[mask], got[mask]
+        if int8 and ref.ndim == 2:  # logits: what the caller sees are the probabilities
+            error = float(np.abs(_softmax(got) - _softmax(ref)).max())
+            ok = ok and error <= INT8_MAX_PROBABILITY_ERROR
+        elif int8:  # per-token vectors: their direction (what pooling and cosine similarity read)
+            error = float(1 - _cosine(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])).min())
+            ok = ok and error <= INT8_MAX_COSINE_DISTANCE
+        else:
+            error = float(np.abs(got - ref).max())
+            ok = ok and error <= FP32_ATOL + FP32_RTOL * float(np.abs(ref).max())
+        worst = max(worst, error)
+    return worst, ok
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def _why_not(runner, settings: Settings) -> str | None:
+    if not hasattr(runner, "onnx_probe"):
+        return "this task runs on torch only"
+    model = runner.model
+    if hasattr(model, "peft_config") or not isinstance(model, torch.nn.Module):
+        return "a shared-base adapter (adapter_mode=share) runs on torch"
+    if model.device.type != "cpu":
+        return f"backend=onnx runs on the CPU and this model is on {model.device}"
+    if model.dtype != torch.float32:
+        return f"backend=onnx exports float32 weights, this model has {model.dtype}"
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install '.[onnx]')"
+    return None
+
+
+def use_onnx(runner, path: Path, info: FolderInfo, settings: Settings) -> Backend:
+    """Put `runner` on ONNX Runtime if its model exports and agrees with torch; else leave it on
+    torch. Returns the backend that serves it (blocking: call on the torch thread)."""
+    reason = _why_not(runner, settings)
+    if reason is not None:
+        return Backend("torch", note=reason)
+    started = time.perf_counter()
+    try:
+        backend, onnx_model = _build(runner, path, info, settings)
+    except ExportMismatch as exc:
+        return Backend("torch", note=str(exc))
+    except Exception as exc:  # any export or runtime failure: the model still serves, on torch
+        return Backend("torch", note=f"ONNX export failed: {type(exc).__name__}: {str(exc)[:300]}")
+    if onnx_model is None:
+        return backend
+    backend.seconds = round(time.perf_counter() - started, 3)
+    runner.model = onnx_model  # the torch model is dropped here: only the session serves
+    return backend
+
+
+def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Backend, OnnxModel | None]:
+    model, output = runner.model, runner.onnx_output
+    probes = runner.onnx_probe()
+    int8 = settings.quantize == "int8" and getattr(runner, "onnx_int8", True)
+    adapter = read_adapter(path, settings.models_dir)
+    key, _source = onnx_cache.cache_key(path, info.task, adapter.base_path if adapter else None)
+    cache = Path(settings.onnx_cache).expanduser()
+    with tempfile.TemporaryDirectory(prefix="hf-serve-onnx-") as scratch:
+        # An unwritable cache (a read-only volume): export into a scratch folder on every load.
+        folder = onnx_cache.entry_dir(cache, path.name, key) if onnx_cache.writable(cache) else Path(scratch)
+        fp32, exporter = folder / "model.onnx", None
+        if not fp32.is_file():
+            with onnx_cache.atomic_file(fp32) as tmp:
+                exporter = export(model, probes[0], output, tmp)
+            log.info("model %s: exported to ONNX with the %s exporter: %s", path.name, exporter, fp32)
+        else:
+            log.info("model %s: ONNX file reused from the cache: %s", path.name, fp32)
+        target = fp32
+        if int8:
+            target = folder / "model.int8.onnx"
+            if not target.is_file():
+                with onnx_cache.atomic_file(target) as tmp:
+                    quantize_int8(fp32, tmp)
+        threads = settings.torch_threads or torch.get_num_threads()
+        onnx_model = OnnxModel(session(target, threads), model.config, output)
+    error, ok = disagreement(onnx_model, model, probes, output, int8)
+    name = "onnx-int8" if int8 else "onnx"
+    file = str(target) if folder != Path(scratch) else None
+    if not ok:
+        what = ("largest probability or cosine difference" if int8 else "max abs difference")
+        return Backend("torch", note=f"{name} disagrees with torch on the probe inputs ({what} {error:.3g})",
+                       file=file, exporter=exporter, max_error=error), None
+    note = None
+    if settings.quantize == "int8" and not int8:
+        note = "int8 is not applied to this task (float32 is faster and exact: docs/performance.md)"
+    return Backend(name, note=note, file=file, exporter=exporter, max_error=error), onnx_model
+
+
+def describe(backend: Backend | None) -> dict[str, Any]:
+    """The backend fields of GET /models."""
+    backend = backend or TORCH
+    return {"backend": backend.name, "backend_note": backend.note}
