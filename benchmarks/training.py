@@ -1,6 +1,6 @@
 """Training benchmark: our fine-tuning entry point vs transformers' `run_glue_no_trainer.py`.
 
-    python benchmarks/training.py             # speed: 3 alternating repeats of 40 steps; accuracy: 3 seeds x 100 steps
+    python benchmarks/training.py             # 3 seeds x 3 arms, alternating, 80 steps each
     python benchmarks/training.py --quick     # 2 steps on 64 examples (seconds)
 
 Same model (all-MiniLM-L6-v2 + a new 2-class head), data (Rotten Tomatoes train -> accuracy on the
@@ -10,11 +10,12 @@ truncation (`--max-length`, 64 like the demo recipe) for every arm:
                        `padding=False` + `DataCollatorWithPadding` (each random batch padded to its longest)
   baseline_pad_to_max  the same script with `--pad_to_max_length` (every example padded to max length)
   ours                 `training/finetune.py`: dynamic padding, batches grouped by length
-Throughput counts the training loop only (evaluation and saving excluded, in all). Speed: each repeat
-runs the three arms back to back (so machine noise hits all of them), evaluated on the first
-`--speed-eval-examples` held-out sentences; the table shows medians. Accuracy: `--accuracy-seeds` seeds
-of the baseline and ours, alternating, `--accuracy-steps` steps each, on all 2,121 held-out sentences;
-the comparison is of the means. Peak RSS is the process's VmHWM.
+Throughput counts the training loop only (evaluation and saving excluded, in all). Repeat k runs the
+three arms back to back with seed k (so machine noise hits all of them alike): examples/s and peak RSS
+are the medians over the repeats, accuracy (all 2,121 held-out sentences, after `--steps` steps) the
+mean over the seeds; "equal accuracy" compares those means. Peak RSS is the process's VmHWM.
+`--threads N` sets OMP_NUM_THREADS for every arm (on a CPU shared with other jobs a 2-thread OpenMP team
+stalls at every barrier whose other core is busy; one thread each keeps the comparison fair).
 
 Scaling (`--ddp-repeats`): `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` (gloo
 DDP, the same global batch of 32 as 2 x 16) against one process, with ours.
@@ -234,26 +235,6 @@ def quick_files() -> tuple[Path, Path]:
     return tuple(paths)
 
 
-def eval_subset(path: Path, n: int) -> Path:
-    """The first n rows of a held-out csv spread over both labels (the speed runs evaluate on it: the
-    evaluation is not timed, it only has to be short)."""
-    import csv
-
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if n >= len(rows):
-        return path
-    step = len(rows) / n
-    rows = [rows[int(i * step)] for i in range(n)]
-    out = WORK / "training" / "data" / f"{path.stem}-{n}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
-
-
 KEYS = ("train_samples_per_second", "train_tokens_per_second", "eval_accuracy", "peak_rss_mb", "train_runtime_s")
 ARMS = {  # key -> (function, label in the tables)
     "baseline": (baseline, "baseline: `run_glue_no_trainer.py` default (`padding=False` + `DataCollatorWithPadding`, random batches)"),
@@ -287,7 +268,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"examples/s ({results['steps']} steps, median of {results['repeats']})", fontsize=10)
     ax = axes[1]
     if run:
-        names = [k for k in ("baseline", "ours") if k in run]
+        names = [k for k in ARMS if k in run]
         bars = ax.bar([labels[k] for k in names], [100 * run[k]["mean_eval_accuracy"] for k in names],
                       yerr=[100 * (max(run[k]["accuracies"]) - min(run[k]["accuracies"])) / 2 for k in names],
                       color=[colors[k] for k in names], capsize=4)
@@ -304,25 +285,17 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def run_accuracy(args, files) -> dict:
-    """`--accuracy-seeds` runs of the default baseline and of ours, alternating, each `--accuracy-steps` steps
-    on all held-out sentences: equal accuracy is judged on the means over seeds, not on one run."""
-    seeds = list(range(1, args.accuracy_seeds + 1))
-    out: dict = {"steps": args.accuracy_steps, "seeds": seeds}
-    runs: dict = {"baseline": [], "ours": []}
-    for seed in seeds:
-        for kind in runs:
-            r = ARMS[kind][0](args, files, f"accuracy-seed{seed}", steps=args.accuracy_steps, seed=seed)
-            runs[kind].append(r)
-            print(f"  {args.accuracy_steps} steps seed {seed} {kind:8}: {r['train_samples_per_second']:.1f} ex/s, "
-                  f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-    for kind, rs in runs.items():
-        accs = [r["eval_accuracy"] for r in rs]
-        out[kind] = {"runs": rs, "accuracies": accs, "mean_eval_accuracy": mean(accs),
-                     # kept under the old key names too (one number per arm)
-                     "eval_accuracy": mean(accs),
-                     "train_samples_per_second": median([r["train_samples_per_second"] for r in rs])}
+def accuracy_over_seeds(runs: dict) -> dict:
+    """Accuracy of the baseline and ours over the seeds of the repeats (each repeat is one seed):
+    equal accuracy is judged on the means, not on one run."""
+    out: dict = {"steps": runs["ours"][0]["steps"], "seeds": [r["seed"] for r in runs["ours"]]}
+    for kind in ARMS:
+        accs = [r["eval_accuracy"] for r in runs[kind]]
+        out[kind] = {"accuracies": accs, "mean_eval_accuracy": mean(accs), "eval_accuracy": mean(accs),
+                     "train_samples_per_second": median([r["train_samples_per_second"] for r in runs[kind]])}
     out["accuracy_difference_pt"] = 100 * (out["ours"]["mean_eval_accuracy"] - out["baseline"]["mean_eval_accuracy"])
+    out["accuracy_difference_vs_pad_to_max_pt"] = 100 * (out["ours"]["mean_eval_accuracy"]
+                                                         - out["baseline_pad_to_max"]["mean_eval_accuracy"])
     out["speedup_examples_per_s"] = out["ours"]["train_samples_per_second"] / out["baseline"]["train_samples_per_second"]
     out["equal_accuracy"] = abs(out["accuracy_difference_pt"]) <= 0.5
     return out
@@ -331,17 +304,13 @@ def run_accuracy(args, files) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=40, help="steps of each speed run")
-    parser.add_argument("--repeats", type=int, default=3, help="speed runs of each arm (alternating)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every run (267 = one epoch of RT)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each arm, alternating; repeat k uses seed k")
     parser.add_argument("--max-length", type=int, default=64, help="truncation, every arm (the demo recipe's 64)")
-    parser.add_argument("--speed-eval-examples", type=int, default=256,
-                        help="held-out sentences the speed runs evaluate on (not timed; all of them in the accuracy runs)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every arm (default: torch's)")
     parser.add_argument("--ddp-repeats", type=int, default=1, help="2-process runs (0 skips the scaling part)")
     parser.add_argument("--compile-repeats", type=int, default=1,
                         help="runs of ours with torch.compile (inductor, dynamic shapes); 0 skips")
-    parser.add_argument("--accuracy-steps", type=int, default=100,
-                        help="steps of each accuracy run (267 = one epoch of RT at batch 32; 0 skips)")
-    parser.add_argument("--accuracy-seeds", type=int, default=3, help="seeds of the baseline and of ours for accuracy")
     parser.add_argument("--lora-steps", type=int, default=267,
                         help="LoRA vs full fine-tuning of MiniLM, this many steps of batch 32 (0 skips)")
     parser.add_argument("--lora-smollm2-steps", type=int, default=125,
@@ -351,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full fine-tuning part")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.ddp_repeats, args.accuracy_steps, args.compile_repeats = 2, 1, 0, 0, 0
+        args.steps, args.repeats, args.ddp_repeats, args.compile_repeats = 2, 1, 0, 0
         args.lora_steps, args.lora_smollm2_steps, args.lora_speed_repeats = 2, 0, 0
     files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
     if args.lora_only:
@@ -365,31 +334,33 @@ def main(argv=None) -> int:
         print(f"\nwrote {shown(path)} ({results['wall_s']:.0f} s)")
         return 0
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every arm's process
     hw = hardware()
     print_hardware(hw)
-    speed_files = (files[0], eval_subset(files[1], args.speed_eval_examples))
     results: dict = {"hardware": hw, "quick": args.quick, "steps": args.steps, "batch_size": 32, "repeats": args.repeats,
-                     "max_length": args.max_length, "speed_eval_examples": args.speed_eval_examples,
+                     "max_length": args.max_length, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "runs": {**{k: [] for k in ARMS}, "ours_ddp": [], "ours_compiled": []}}
     started = time.perf_counter()
     for rep in range(args.repeats):
         for kind, (fn, _) in ARMS.items():
-            r = fn(args, speed_files, rep)
+            r = fn(args, files, rep, seed=rep + 1)
             results["runs"][kind].append(r)
+            # every finished run is kept at once (a long benchmark interrupted late keeps its runs)
+            (WORK / "training" / "runs-so-far.json").write_text(json.dumps(results, indent=1, default=str))
             print(f"  rep {rep + 1} {kind:20}: {r['train_samples_per_second']:.1f} ex/s, {r['train_tokens_per_second']:.0f} tok/s, "
                   f"accuracy {r['eval_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     for rep in range(args.ddp_repeats):
-        r = ours(args, speed_files, rep, processes=2)
+        r = ours(args, files, rep, processes=2)
         results["runs"]["ours_ddp"].append(r)
         print(f"  rep {rep + 1} ours 2-process DDP: {r['train_samples_per_second']:.1f} ex/s, accuracy {r['eval_accuracy']:.4f}",
               flush=True)
     for rep in range(args.compile_repeats):
-        r = ours(args, speed_files, rep, compiled=True)
+        r = ours(args, files, rep, compiled=True)
         results["runs"]["ours_compiled"].append(r)
         print(f"  rep {rep + 1} ours + torch.compile: {r['train_samples_per_second']:.1f} ex/s (compilation included), "
               f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-    if args.accuracy_steps:
-        results["accuracy_run"] = run_accuracy(args, files)
+    results["accuracy_run"] = accuracy_over_seeds(results["runs"])
     if args.lora_steps or args.lora_smollm2_steps:
         results["lora_vs_full"] = run_lora_comparison(args, files)
     summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
@@ -416,16 +387,17 @@ def main(argv=None) -> int:
             rows.append([label, s["train_samples_per_second"], f"{s['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
                          s["train_tokens_per_second"], 100 * s["eval_accuracy"], s["peak_rss_mb"]])
     print(f"\nMiniLM on Rotten Tomatoes train, {args.steps} steps x batch 32 (max {args.max_length} tokens) -> accuracy on "
-          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {args.repeats}, arms alternating")
+          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {args.repeats} (seeds 1-{args.repeats}), "
+          f"arms alternating; accuracy column: median")
     print(table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows))
     if "accuracy_run" in results:
         run = results["accuracy_run"]
-        print(f"\nTrained {run['steps']} steps, seeds {run['seeds']}, all held-out sentences:")
+        print(f"\nAccuracy after {run['steps']} steps, seeds {run['seeds']}, all held-out sentences:")
         print(table(["run", "examples/s (median)", "vs baseline", "accuracy per seed (%)", "mean (%)"], [
             [kind, run[kind]["train_samples_per_second"],
              f"{run[kind]['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
              " / ".join(f"{100 * a:.1f}" for a in run[kind]["accuracies"]), 100 * run[kind]["mean_eval_accuracy"]]
-            for kind in ("baseline", "ours")]))
+            for kind in ARMS]))
         print(f"accuracy difference of the means (ours - baseline): {run['accuracy_difference_pt']:+.2f} pt (equal: within 0.5)")
     if results.get("lora_vs_full"):
         print_lora_table(results["lora_vs_full"])
