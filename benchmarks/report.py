@@ -76,7 +76,7 @@ def serving(data: dict) -> str:
                            f"\n- {d['input']!r}: {d['labels']}" for d in lc["disagreements"][:5]))
         t = s["targets"]
         met = lambda ok: "met" if ok else "missed"  # noqa: E731
-        if "c1_vs_tutorial" in t:
+        if "c1_vs_tutorial" in t and "c32_vs_tutorial" in t:
             out.append(f"\nAgainst the tutorial server: 32 clients **{t['c32_vs_tutorial']:.2f}x** (>= 3x: "
                        f"{met(t['c32_vs_tutorial_met'])}); 1 client **{t['c1_vs_tutorial']:.2f}x** its throughput (>= 1.0x, "
                        f"3 % counts as equal: {met(t['c1_vs_tutorial_met'])}), p50 {t['c1_p50_over_tutorial_p50']:.2f}x its p50.")

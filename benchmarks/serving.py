@@ -318,6 +318,7 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
     import httpx
 
     labels = {} if labels is None else labels
+    server_ms: list[tuple[float, float]] = []  # (queue, inference) ms per answer, when the server says
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
@@ -330,6 +331,8 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
                 tokens = count_tokens(task, body) if ok else 0
                 if ok and task != "text-generation":
                     labels.setdefault(i % len(inputs), set()).add(top_label(body))
+                if ok and "x-inference-time" in r.headers:  # ours: where the time went, server side
+                    server_ms.append((float(r.headers["x-queue-time"]), float(r.headers["x-inference-time"])))
             except httpx.HTTPError:
                 ok, tokens = False, 0
             return time.perf_counter() - t0, ok, tokens
@@ -351,6 +354,7 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
                 else:
                     errors += 1
 
+        server_ms.clear()  # not the warm-up's
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
@@ -361,6 +365,10 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
         "tokens_per_s": tokens / wall if task == "text-generation" else None,
         "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99),
         "client_cpu_pct": 100 * cpu / wall,  # of one core
+        # ours only: the server's own x-queue-time / x-inference-time (the batcher's wait, and tokenizing +
+        # the forward pass + post-processing); p50 minus their sum is the HTTP + routing + thread hops part
+        "server_queue_p50_ms": percentile([q for q, _ in server_ms], 50),
+        "server_inference_p50_ms": percentile([i for _, i in server_ms], 50),
     }
 
 
@@ -495,8 +503,9 @@ def summarise(out: dict, levels: list[int], generation: bool) -> dict:
         row = {}
         for kind, per in out["servers"].items():
             runs = per[str(c)]
-            row[kind] = {k: median([r[k] for r in runs]) for k in ("throughput_rps", "tokens_per_s", "p50_ms", "p95_ms",
-                                                                 "p99_ms", "client_cpu_pct", "rss_mb", "peak_rss_mb")}
+            row[kind] = {k: median([r.get(k) for r in runs]) for k in (
+                "throughput_rps", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms", "client_cpu_pct", "rss_mb", "peak_rss_mb",
+                "server_queue_p50_ms", "server_inference_p50_ms")}
             row[kind]["errors"] = sum(r["errors"] for r in runs)
         summary["levels"][str(c)] = row
     if generation:
@@ -609,7 +618,7 @@ def print_tables(results: dict) -> None:
                 print(f"  {d['input']!r}: {d['labels']}")
         t = s["targets"]
         if "c1_vs_tutorial" in t:
-            print(f"vs the tutorial server: c32 {t['c32_vs_tutorial']:.2f}x (>= 3), c1 {t['c1_vs_tutorial']:.2f}x "
+            print(f"vs the tutorial server: c32 {t.get('c32_vs_tutorial', float('nan')):.2f}x (>= 3), c1 {t['c1_vs_tutorial']:.2f}x "
                   f"(>= 1.0, 3 % counts as equal), c1 p50 ours/tutorial {t['c1_p50_over_tutorial_p50']:.2f}")
         if t:
             print(f"targets: c32 ours/naive {t.get('c32_vs_naive', 0):.2f}x (>= 3), ours/raw {t.get('c32_vs_raw_batched', 0):.0%} "
