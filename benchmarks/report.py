@@ -120,7 +120,7 @@ def training(data: dict) -> str:
                          f"{r['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
                          " / ".join(f"{100 * a:.1f}" for a in accs), f"{100 * r['eval_accuracy']:.2f}"])
         out += ["", f"Accuracy: {run['steps']} steps, " + (f"seeds {seeds}" if seeds else "one run each")
-                + ", all 2,121 held-out sentences:", "",
+                + f", {data['runs']['baseline'][0]['eval_examples']} held-out sentences:", "",
                 table(["run", "examples/s (median)", "vs baseline", "accuracy per seed (%)", "mean (%)"], rows),
                 "", f"Difference of the means: {run['accuracy_difference_pt']:+.2f} pt (equal: within 0.5)."]
     return "\n".join(out)
