@@ -218,7 +218,13 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if kind == "ours":
+        cwd = REPO
+        if kind == "before":
+            # ours as served by another checkout's service/ (BENCH_BEFORE_DIR: a folder holding `service/`,
+            # e.g. `git archive <commit> service | tar -x -C DIR`): an A/B of a change, side by side
+            cwd = Path(os.environ["BENCH_BEFORE_DIR"])
+            env["PYTHONPATH"] = str(cwd)
+        if kind in ("ours", "before"):
             models_dir = WORK / "serve" / name
             models_dir.mkdir(parents=True, exist_ok=True)
             link = models_dir / name
@@ -244,7 +250,7 @@ class Server:
                "--port", str(self.port), "--log-level", "warning"]
         self.log = WORK / "logs" / f"server-{kind}-{name}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
         import httpx
@@ -479,7 +485,7 @@ def settle(pids: list[int], timeout: float = 20.0) -> None:
 
 def stats_of(server: Server) -> dict | None:
     """Batch statistics from our /metrics (forward passes and inputs per pass)."""
-    if server.kind != "ours":
+    if server.kind not in ("ours", "before"):
         return None
     import re
 
@@ -542,6 +548,12 @@ def summarise(out: dict, levels: list[int], generation: bool) -> dict:
                                                       for o, t in zip(ours_runs, tut, strict=False) if t["throughput_rps"]]
             row["paired"]["ours_p50_over_tutorial_p50"] = median([o["p50_ms"] / t["p50_ms"]
                                                                   for o, t in zip(ours_runs, tut, strict=False)])
+            if "before" in out["servers"]:
+                before = out["servers"]["before"][str(c)]
+                row["paired"]["before_vs_tutorial"] = median([b["throughput_rps"] / t["throughput_rps"]
+                                                              for b, t in zip(before, tut, strict=False)])
+                row["paired"]["ours_vs_before"] = median([o["throughput_rps"] / b["throughput_rps"]
+                                                          for o, b in zip(ours_runs, before, strict=False)])
         if all("optimised_single_forward_ms" in r for r, _, _ in pairs):
             row["paired"]["ours_p50_minus_optimised_single_ms"] = median(
                 [o["p50_ms"] - r["optimised_single_forward_ms"] for r, o, _ in pairs])
@@ -610,6 +622,10 @@ def print_tables(results: dict) -> None:
         tut_heads = (["tutorial req/s", "ours/tutorial"], ["tutorial p50/p95/p99 ms"]) if has_tutorial else ([], [])
         print(table(["clients", "ours req/s", *tut_heads[0], "naive req/s", "ours/naive", "ours/raw", "ours p50/p95/p99 ms",
                      *tut_heads[1], "naive p50/p95/p99 ms", "errors ours/naive", "peak RSS MB ours/naive", "client CPU"], rows))
+        if all("ours_vs_before" in row["paired"] for row in s["levels"].values()):
+            print("A/B, ours vs BENCH_BEFORE_DIR's service/ (req/s ratio; p50 ms before -> now): " + "; ".join(
+                f"{c} client(s) {row['paired']['ours_vs_before']:.2f}x, {row['before']['p50_ms']:.1f} -> {row['ours']['p50_ms']:.1f}"
+                for c, row in s["levels"].items()))
         if "label_check" in m:
             lc = m["label_check"]
             print(f"labels ({', '.join(lc['servers'])}): {lc['inputs_compared']} inputs compared, "
@@ -689,6 +705,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-concurrency", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default: per model)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every server and torch threads of the raw forward (default: torch's). "
+                             "On a CPU shared with other jobs use 1: a 2-thread OpenMP team stalls at every barrier "
+                             "whose other core is busy (a MiniLM forward took 2 s instead of 10 ms at load average 10)")
     parser.add_argument("--servers", default="tutorial,naive,ours",
                         help="classification servers, in the order each level runs them (ours must be among them; "
                              "naive too: the older ratios use it)")
@@ -707,6 +727,11 @@ def main(argv=None) -> int:
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.servers = args.servers.split(",")
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every server subprocess inherits it
+        torch.set_num_threads(args.threads)
     args.gen_concurrency = [int(c) for c in args.gen_concurrency.split(",")]
     models = QUICK_MODELS if args.quick else MODELS
     if args.quick:
@@ -716,12 +741,15 @@ def main(argv=None) -> int:
     hw = hardware()
     print_hardware(hw)
     results: dict = {"hardware": hw, "quick": args.quick, "repeats": args.repeats, "max_batch": MAX_BATCH,
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "servers": args.servers,
                      "client": "httpx.AsyncClient closed loop on 127.0.0.1, same 2 cores as the server", "models": {}}
     started = time.perf_counter()
     for name in chosen:
         results["models"][name] = bench_model(name, models[name], args)
         results["wall_s"] = round(time.perf_counter() - started, 1)
         path = write_results(args.name, results, args.quick)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_results(args.name, results, args.quick)
     print_tables(results)
     png = plot_path(args.name, args.quick)
     plot(results, png)
