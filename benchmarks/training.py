@@ -340,7 +340,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-speed-repeats", type=int, default=3,
                         help="short runs of each (alternating) for the examples/s and peak RSS of the LoRA comparison")
     parser.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full fine-tuning part")
+    parser.add_argument("--from-runs", type=Path, default=None,
+                        help="rebuild the results from an interrupted run's runs-so-far.json (in BENCH_WORK_DIR/training)")
     args = parser.parse_args(argv)
+    if args.from_runs:
+        return from_runs(args.from_runs, args)
     if args.quick:
         args.steps, args.repeats, args.ddp_repeats, args.compile_repeats = 2, 1, 0, 0
         args.lora_steps, args.lora_smollm2_steps, args.lora_speed_repeats = 2, 0, 0
@@ -388,9 +392,15 @@ def main(argv=None) -> int:
         results["runs"]["ours_compiled"].append(r)
         print(f"  rep {rep + 1} ours + torch.compile: {r['train_samples_per_second']:.1f} ex/s (compilation included), "
               f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-    results["accuracy_run"] = accuracy_over_seeds(results["runs"])
     if args.lora_steps or args.lora_smollm2_steps:
         results["lora_vs_full"] = run_lora_comparison(args, files)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    return finish(results, args)
+
+
+def finish(results: dict, args) -> int:
+    """Summary, JSON, tables and plot from `results["runs"]` (also for --from-runs)."""
+    results["accuracy_run"] = accuracy_over_seeds(results["runs"])
     summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
     b = summary["baseline"]
     summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / b["train_samples_per_second"]
@@ -398,14 +408,13 @@ def main(argv=None) -> int:
                                         / summary["baseline_pad_to_max"]["train_samples_per_second"])
     summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - b["eval_accuracy"])
     summary["speed_ratio_runs"] = [o["train_samples_per_second"] / x["train_samples_per_second"]
-                                   for o, x in zip(results["runs"]["ours"], results["runs"]["baseline"], strict=True)]
+                                   for o, x in zip(results["runs"]["ours"], results["runs"]["baseline"], strict=False)]
     if "ours_compiled" in summary:
         summary["compile_speedup"] = summary["ours_compiled"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     if "ours_ddp" in summary:
         summary["ddp_scaling"] = summary["ours_ddp"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     results["summary"] = summary
-    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["wall_s"] = round(time.perf_counter() - started, 1)
+    results.setdefault("load_average_at_end", [round(x, 2) for x in os.getloadavg()])
     path = write_results("training", results, args.quick)
 
     rows = []
@@ -414,8 +423,8 @@ def main(argv=None) -> int:
             s = summary[key]
             rows.append([label, s["train_samples_per_second"], f"{s['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
                          s["train_tokens_per_second"], 100 * s["eval_accuracy"], s["peak_rss_mb"]])
-    print(f"\nMiniLM on Rotten Tomatoes train, {args.steps} steps x batch 32 (max {args.max_length} tokens) -> accuracy on "
-          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {args.repeats} (seeds 1-{args.repeats}), "
+    print(f"\nMiniLM on Rotten Tomatoes train, {results['steps']} steps x batch 32 (max {results['max_length']} tokens) -> accuracy on "
+          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {results['repeats']} (seeds 1-{results['repeats']}), "
           f"arms alternating; accuracy column: median")
     print(table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows))
     if "accuracy_run" in results:
@@ -431,8 +440,21 @@ def main(argv=None) -> int:
         print_lora_table(results["lora_vs_full"])
     png = plot_path("training", args.quick)
     plot(results, png)
-    print(f"\nwrote {shown(path)} and {shown(png)} ({results['wall_s']:.0f} s)")
+    print(f"\nwrote {shown(path)} and {shown(png)} ({results.get('wall_s', 0):.0f} s)")
     return 0
+
+
+def from_runs(path: Path, args) -> int:
+    """Rebuild the results from the runs an interrupted benchmark kept (runs-so-far.json): only complete
+    repeats (every arm's run of it) count, so each arm has the same seeds."""
+    results = json.loads(path.read_text())
+    runs = results["runs"]
+    complete = min(len(runs["baseline"]), len(runs["ours"]))
+    runs["baseline"], runs["ours"] = runs["baseline"][:complete], runs["ours"][:complete]
+    results["repeats"] = complete
+    results["pad_repeats"] = len(runs["baseline_pad_to_max"])
+    results["interrupted"] = f"rebuilt from {path.name}: {complete} complete repeat(s) of the {args.repeats} asked for"
+    return finish(results, args)
 
 
 if __name__ == "__main__":
