@@ -21,8 +21,12 @@ def load(name: str) -> dict | None:
 
 def hw_line(data: dict) -> str:
     hw = data["hardware"]
+    load = hw.get("load_average_at_start")
+    end = data.get("load_average_at_end")
+    load_text = (f"load average (1/5/15 min) {' / '.join(f'{x:g}' for x in load)} at the start"
+                 + (f", {' / '.join(f'{x:g}' for x in end)} at the end" if end else "") + "; ") if load else ""
     return (f"_{hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB, {hw['gpu'] or 'no GPU'}, torch {hw['torch']}; "
-            f"{hw['date']}; " + (f"median of {data['repeats']}._" if "repeats" in data else "one run each._"))
+            f"{hw['date']}; {load_text}" + (f"median of {data['repeats']}._" if "repeats" in data else "one run each._"))
 
 
 def serving(data: dict) -> str:
@@ -45,25 +49,44 @@ def serving(data: dict) -> str:
                    f"raw single forward {raw['single_forward_ms']:.1f} ms (medians of {len(raws)} samples; best "
                    f"{max(r['batched_inputs_per_s'] for r in raws):.1f} inputs/s, {min(r['single_forward_ms'] for r in raws):.1f} ms)\n")
         rows = []
+        has_tutorial = all("tutorial" in row for row in s["levels"].values())
         for c, row in s["levels"].items():
             o, n = row["ours"], row["naive"]
-            rows.append([c, f"{o['throughput_rps']:.1f}", f"{n['throughput_rps']:.1f}",
+            tut = []
+            if has_tutorial:
+                t = row["tutorial"]
+                tut = [f"{t['throughput_rps']:.1f}", "**" + " / ".join(f"{x:.2f}" for x in row["paired"]["ours_vs_tutorial_runs"])
+                       + f"** ({row['paired']['ours_vs_tutorial']:.2f}x)",
+                       f"{t['p50_ms']:.0f} / {t['p95_ms']:.0f} / {t['p99_ms']:.0f}"]
+            rows.append([c, f"{o['throughput_rps']:.1f}", *tut[:2], f"{n['throughput_rps']:.1f}",
                          f"{row['paired']['ours_vs_naive']:.2f}x", f"{row['paired']['ours_vs_raw_batched']:.0%}",
-                         f"{o['p50_ms']:.0f} / {o['p95_ms']:.0f} / {o['p99_ms']:.0f}",
+                         f"{o['p50_ms']:.0f} / {o['p95_ms']:.0f} / {o['p99_ms']:.0f}", *tut[2:],
                          f"{n['p50_ms']:.0f} / {n['p95_ms']:.0f} / {n['p99_ms']:.0f}",
                          f"{o['errors']} / {n['errors']}", f"{o['peak_rss_mb']:.0f} / {n['peak_rss_mb']:.0f}",
                          f"{o['client_cpu_pct']:.0f} %"])
-        out.append(table(["clients", "ours req/s", "naive req/s", "ours / naive (paired)", "ours / raw batched (paired)",
-                          "ours p50/p95/p99 ms", "naive p50/p95/p99 ms", "errors (ours/naive)",
-                          "peak RSS MB (ours/naive)", "client CPU"], rows))
+        tut_heads = (["tutorial req/s", "ours / tutorial (each repetition; median)"], ["tutorial p50/p95/p99 ms"]) \
+            if has_tutorial else ([], [])
+        out.append(table(["clients", "ours req/s", *tut_heads[0], "naive req/s", "ours / naive (paired)",
+                          "ours / raw batched (paired)", "ours p50/p95/p99 ms", *tut_heads[1], "naive p50/p95/p99 ms",
+                          "errors (ours/naive)", "peak RSS MB (ours/naive)", "client CPU"], rows))
+        if "label_check" in m:
+            lc = m["label_check"]
+            out.append(f"\nLabels: {lc['inputs_compared']} inputs answered by every server ({', '.join(lc['servers'])}); "
+                       f"**{len(lc['disagreements'])} disagree**" + "".join(
+                           f"\n- {d['input']!r}: {d['labels']}" for d in lc["disagreements"][:5]))
         t = s["targets"]
         met = lambda ok: "met" if ok else "missed"  # noqa: E731
+        if "c1_vs_tutorial" in t and "c32_vs_tutorial" in t:
+            out.append(f"\nAgainst the tutorial server: 32 clients **{t['c32_vs_tutorial']:.2f}x** (>= 3x: "
+                       f"{met(t['c32_vs_tutorial_met'])}); 1 client **{t['c1_vs_tutorial']:.2f}x** its throughput (>= 1.0x, "
+                       f"3 % counts as equal: {met(t['c1_vs_tutorial_met'])}), p50 {t['c1_p50_over_tutorial_p50']:.2f}x its p50.")
+        like = t.get("c1_p50_minus_optimised_single_ms")
+        c1 = (f"1 client p50 - the same batch-norm-folded, channels-last forward the server runs **{like:+.1f} ms** "
+              f"(<= 5 ms: {met(t['c1_p50_met'])}; minus the stock model's forward: {t['c1_p50_minus_raw_single_ms']:+.1f} ms)"
+              if like is not None else
+              f"1 client p50 - raw single forward **{t['c1_p50_minus_raw_single_ms']:+.1f} ms** (<= 5 ms: {met(t['c1_p50_met'])})")
         out.append(f"\nTargets: 32 clients ours/naive **{t['c32_vs_naive']:.2f}x** (>= 3x: {met(t['c32_vs_naive_met'])}), "
-                   f"ours/raw **{t['c32_vs_raw_batched']:.0%}** (>= 85 %: {met(t['c32_vs_raw_met'])}); 1 client p50 - raw single "
-                   f"forward **{t['c1_p50_minus_raw_single_ms']:+.1f} ms** (<= 5 ms: {met(t['c1_p50_met'])}).\n")
-        if "c1_p50_minus_optimised_single_ms" in t:
-            out.append(f"1 client p50 minus the same batch-norm-folded, channels-last forward the server runs: "
-                       f"**{t['c1_p50_minus_optimised_single_ms']:+.1f} ms** (the server's own overhead).\n")
+                   f"ours/raw **{t['c32_vs_raw_batched']:.0%}** (>= 85 %: {met(t['c32_vs_raw_met'])}); {c1}.\n")
     return "\n".join(out)
 
 
@@ -71,23 +94,35 @@ def training(data: dict) -> str:
     s = data["summary"]
     b = s["baseline"]
     rows = []
-    for key, label in (("baseline", "baseline: `run_glue_no_trainer`-style loop (pad to 128, random batches)"),
-                       ("ours", "ours: `training/finetune.py`, 1 process"),
-                       ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)"),
-                       ("ours_compiled", "ours + `torch.compile` (inductor, dynamic shapes; compilation included)")):
+    from benchmarks.training import ARMS, EXTRA_LABELS
+
+    for key, label in [(k, v[1]) for k, v in ARMS.items()] + list(EXTRA_LABELS.items()):
         if key in s:
             r = s[key]
             rows.append([label, f"{r['train_samples_per_second']:.1f}", f"{r['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
                          f"{r['train_tokens_per_second']:.0f}", f"{100 * r['eval_accuracy']:.1f}", f"{r['peak_rss_mb']:.0f}"])
-    out = [hw_line(data), "", f"{data['steps']} steps x batch 32, median of {data['repeats']}:", "",
+    threads = f", OMP_NUM_THREADS={data['omp_num_threads']} for every arm" if data.get("omp_num_threads") else ""
+    out = [hw_line(data), "", f"{data['steps']} steps x batch 32, max length {data.get('max_length', 128)}{threads}; "
+           f"median of {data['repeats']} runs per arm (arms alternating, repeat k with seed k); the accuracy column is "
+           "the median too, the means are below:", "",
            table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows)]
     if "accuracy_run" in data:
         run = data["accuracy_run"]
-        out += ["", f"One epoch ({run['steps']} steps), one run each:", "", table(["run", "examples/s", "vs baseline", "accuracy (%)"], [
-            [label, f"{run[key]['train_samples_per_second']:.1f}",
-             f"{run[key]['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
-             f"{100 * run[key]['eval_accuracy']:.1f}"] for key, label in (("baseline", "baseline"), ("ours", "ours"))]),
-            "", f"Accuracy difference: {run['accuracy_difference_pt']:+.1f} pt (target: within 0.5)."]
+        seeds = run.get("seeds")
+        rows = []
+        for key, label in (("baseline", "baseline: `run_glue_no_trainer.py` default"),
+                           ("baseline_pad_to_max", "baseline: `run_glue_no_trainer.py --pad_to_max_length`"), ("ours", "ours")):
+            if key not in run:
+                continue
+            r = run[key]
+            accs = r.get("accuracies", [r["eval_accuracy"]])
+            rows.append([label, f"{r['train_samples_per_second']:.1f}",
+                         f"{r['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
+                         " / ".join(f"{100 * a:.1f}" for a in accs), f"{100 * r['eval_accuracy']:.2f}"])
+        out += ["", f"Accuracy: {run['steps']} steps, " + (f"seeds {seeds}" if seeds else "one run each")
+                + f", {data['runs']['baseline'][0]['eval_examples']} held-out sentences:", "",
+                table(["run", "examples/s (median)", "vs baseline", "accuracy per seed (%)", "mean (%)"], rows),
+                "", f"Difference of the means: {run['accuracy_difference_pt']:+.2f} pt (equal: within 0.5)."]
     return "\n".join(out)
 
 

@@ -1,18 +1,24 @@
-"""Training benchmark: our fine-tuning entry point vs a plain `run_glue_no_trainer.py`-style loop.
+"""Training benchmark: our fine-tuning entry point vs transformers' `run_glue_no_trainer.py`.
 
-    python benchmarks/training.py             # 3 repeats of 40 steps each, 2-process DDP, one epoch each
+    python benchmarks/training.py             # 3 seeds x 3 arms, alternating, 80 steps each
     python benchmarks/training.py --quick     # 2 steps on 64 examples (seconds)
 
 Same model (all-MiniLM-L6-v2 + a new 2-class head), data (Rotten Tomatoes train -> accuracy on the
 2,121 held-out sentences), batch size (32), learning rate, schedule, number of optimizer steps and
-truncation (128 tokens). The baseline (benchmarks/train_baseline.py) pads every example to 128
-tokens and draws random batches, as transformers' `run_glue_no_trainer.py` does; ours
-(`training/finetune.py`) pads each batch to its longest example and groups similar lengths.
-Throughput counts the training loop only (evaluation and saving excluded, in both). Each repeat runs
-the baseline and ours back to back; the table shows medians. Peak RSS is the process's VmHWM.
+truncation (`--max-length`, 64 like the demo recipe) for every arm:
+  baseline             benchmarks/train_baseline.py, the default path of `run_glue_no_trainer.py`:
+                       `padding=False` + `DataCollatorWithPadding` (each random batch padded to its longest)
+  baseline_pad_to_max  the same script with `--pad_to_max_length` (every example padded to max length)
+  ours                 `training/finetune.py`: dynamic padding, batches grouped by length
+Throughput counts the training loop only (evaluation and saving excluded, in all). Repeat k runs the
+three arms back to back with seed k (so machine noise hits all of them alike): examples/s and peak RSS
+are the medians over the repeats, accuracy (on `--eval-examples` held-out sentences, default all 2,121) the
+mean over the seeds; "equal accuracy" compares those means. Peak RSS is the process's VmHWM.
+`--threads N` sets OMP_NUM_THREADS for every arm (on a CPU shared with other jobs a 2-thread OpenMP team
+stalls at every barrier whose other core is busy; one thread each keeps the comparison fair).
 
-Scaling: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` (gloo DDP, the
-same global batch of 32 as 2 x 16) against one process, with ours.
+Scaling (`--ddp-repeats`): `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` (gloo
+DDP, the same global batch of 32 as 2 x 16) against one process, with ours.
 
 LoRA vs full fine-tuning (`--lora-steps`, `--lora-smollm2-steps`; `--lora-only` runs just this part):
 ours with `--use_peft` (r 16, alpha 32, every linear layer of the backbone, the head trained fully) against
@@ -73,11 +79,12 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> float:
     return peak
 
 
-def common_flags(args, train_file: Path, eval_file: Path, batch: int) -> dict:
+def common_flags(args, train_file: Path, eval_file: Path, batch: int, steps: int | None = None, seed: int = 42) -> dict:
+    steps = steps or args.steps
     return {"model_name_or_path": MINILM, "train_file": train_file, "validation_file": eval_file,
-            "max_length": 128, "per_device_train_batch_size": batch, "per_device_eval_batch_size": 64,
-            "learning_rate": 1e-4, "weight_decay": 0.01, "num_warmup_steps": 0 if args.quick else 5,
-            "max_train_steps": args.steps, "seed": 42}
+            "max_length": args.max_length, "per_device_train_batch_size": batch, "per_device_eval_batch_size": 64,
+            "learning_rate": 1e-4, "weight_decay": 0.01, "num_warmup_steps": 0 if args.quick else max(steps // 10, 1),
+            "max_train_steps": steps, "seed": seed}
 
 
 def argv_of(flags: dict) -> list[str]:
@@ -87,12 +94,19 @@ def argv_of(flags: dict) -> list[str]:
     return out
 
 
-def baseline(args, files, rep: int) -> dict:
-    log = WORK / "training" / f"baseline-{rep}.log"
-    cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32))]
+def baseline(args, files, rep, pad_to_max: bool = False, steps: int | None = None, seed: int = 42) -> dict:
+    """One run of benchmarks/train_baseline.py (run_glue_no_trainer.py's loop), default or --pad_to_max_length."""
+    log = WORK / "training" / f"baseline{'-pad' if pad_to_max else ''}-{rep}.log"
+    cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32, steps, seed))]
+    if pad_to_max:
+        cmd.append("--pad_to_max_length")
     peak = run_measured(cmd, log)
     line = [x for x in log.read_text().splitlines() if x.startswith("{")][-1]
-    return {**json.loads(line), "peak_rss_mb": peak}
+    return {**json.loads(line), "peak_rss_mb": peak, "seed": seed}
+
+
+def baseline_pad_to_max(args, files, rep, **kw) -> dict:
+    return baseline(args, files, rep, pad_to_max=True, **kw)
 
 
 # torch.compile through Accelerate's own switch (what `accelerate launch --dynamo_backend inductor`
@@ -100,10 +114,11 @@ def baseline(args, files, rep: int) -> dict:
 COMPILE_ENV = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_DYNAMIC": "true"}
 
 
-def ours(args, files, rep, processes: int = 1, compiled: bool = False) -> dict:
+def ours(args, files, rep, processes: int = 1, compiled: bool = False, steps: int | None = None, seed: int = 42) -> dict:
     out = WORK / "training" / f"ours-{processes}p{'-compiled' if compiled else ''}-{rep}"
-    flags = {**common_flags(args, *files, 32 // processes), "task": "text-classification", "text_column": "text",
-             "label_column": "label", "output_dir": out, "overwrite_output_dir": "true"}
+    flags = {**common_flags(args, *files, 32 // processes, steps, seed), "task": "text-classification",
+             "text_column": "text", "label_column": "label", "output_dir": out, "overwrite_output_dir": "true",
+             "checkpointing_steps": "none"}
     if processes == 1:
         cmd = [python(), "training/finetune.py", *argv_of(flags)]
         env = COMPILE_ENV if compiled else None
@@ -117,7 +132,7 @@ def ours(args, files, rep, processes: int = 1, compiled: bool = False) -> dict:
     return {"train_runtime_s": results["train_runtime_s"], "train_samples_per_second": results["train_samples_per_second"],
             "train_tokens_per_second": results.get("train_tokens_per_second"), "steps": results["train_steps"],
             "eval_accuracy": results["eval_accuracy"], "eval_examples": results["eval_examples"],
-            "num_processes": processes, "peak_rss_mb": peak}
+            "num_processes": processes, "peak_rss_mb": peak, "seed": seed, "output_dir": str(out)}
 
 
 SMOLLM2 = ASSETS / "models" / "smollm2-135m-instruct"
@@ -129,7 +144,8 @@ def lora_vs_full(args, files, model: str, peft: bool, steps: int, tag: str = "",
     """One run of ours on `model`, fine-tuning every weight or LoRA; the numbers of the comparison."""
     path, batch, full_lr, lora_lr = LORA_MODELS[model]
     out = WORK / "training" / f"{model}-{'lora' if peft else 'full'}-{steps}{tag}"
-    flags = {**common_flags(args, *files, batch), "max_length": 64, "max_train_steps": steps, **extra,
+    flags = {**common_flags(args, *files, batch), "max_length": 64, "max_train_steps": steps,
+             "num_warmup_steps": 0 if args.quick else 5, **extra,
              "model_name_or_path": path, "learning_rate": lora_lr if peft else full_lr,
              "per_device_eval_batch_size": 32, "task": "text-classification", "text_column": "text",
              "label_column": "label", "output_dir": out, "overwrite_output_dir": "true", "checkpointing_steps": "none"}
@@ -219,7 +235,36 @@ def quick_files() -> tuple[Path, Path]:
     return tuple(paths)
 
 
+def eval_subset(path: Path, n: int) -> Path:
+    """n rows of a held-out csv taken evenly over the file (both labels: the file is sorted by label)."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if n >= len(rows):
+        return path
+    rows = [rows[int(i * len(rows) / n)] for i in range(n)]
+    out = WORK / "training" / "data" / f"{path.stem}-{n}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
 KEYS = ("train_samples_per_second", "train_tokens_per_second", "eval_accuracy", "peak_rss_mb", "train_runtime_s")
+ARMS = {  # key -> (function, label in the tables)
+    "baseline": (baseline, "baseline: `run_glue_no_trainer.py` default (`padding=False` + `DataCollatorWithPadding`, random batches)"),
+    "baseline_pad_to_max": (baseline_pad_to_max, "baseline: `run_glue_no_trainer.py --pad_to_max_length` (every example padded to max length)"),
+    "ours": (ours, "ours: `training/finetune.py`, 1 process (dynamic padding, length-grouped batches)"),
+}
+EXTRA_LABELS = {"ours_ddp": "ours: 2-process DDP (gloo, 2 x 16)",
+                "ours_compiled": "ours + `torch.compile` (inductor, dynamic shapes; compilation included)"}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -229,36 +274,65 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = results["summary"]
-    labels = {"baseline": "baseline", "ours": "ours", "ours_ddp": "ours,\n2-proc DDP", "ours_compiled": "ours +\ncompile"}
+    labels = {"baseline": "run_glue\ndefault", "baseline_pad_to_max": "run_glue\n--pad_to_max", "ours": "ours",
+              "ours_ddp": "ours,\n2-proc DDP", "ours_compiled": "ours +\ncompile"}
+    colors = {"baseline": "grey", "baseline_pad_to_max": "silver", "ours": "C0", "ours_ddp": "C2", "ours_compiled": "C3"}
     keys = [k for k in labels if k in s]
-    colors = {"baseline": "grey", "ours": "C0", "ours_ddp": "C2", "ours_compiled": "C3"}
     run = results.get("accuracy_run")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    panels = [("train_samples_per_second", f"examples/s ({results['steps']} steps, median of {results['repeats']})", keys, s),
-              ("eval_accuracy", f"RT held-out accuracy (%) after {run['steps']} steps" if run
-               else "RT held-out accuracy (%)", ["baseline", "ours"] if run else keys, run or s),
-              ("peak_rss_mb", "peak RSS (MB)", keys, s)]
-    for ax, (key, title, names, source) in zip(axes, panels, strict=True):
-        scale = 100 if key == "eval_accuracy" else 1
-        bars = ax.bar([labels[k] for k in names], [scale * source[k][key] for k in names], color=[colors[k] for k in names])
+    ax = axes[0]
+    bars = ax.bar([labels[k] for k in keys], [s[k]["train_samples_per_second"] for k in keys], color=[colors[k] for k in keys])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_title(f"examples/s ({results['steps']} steps, median of {results['repeats']})", fontsize=10)
+    ax = axes[1]
+    if run:
+        names = [k for k in ARMS if k in run]
+        bars = ax.bar([labels[k] for k in names], [100 * run[k]["mean_eval_accuracy"] for k in names],
+                      yerr=[100 * (max(run[k]["accuracies"]) - min(run[k]["accuracies"])) / 2 for k in names],
+                      color=[colors[k] for k in names], capsize=4)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(f"MiniLM on Rotten Tomatoes, batch 32, {results['hardware']['cpu']} ({results['hardware']['cores']} cores); "
-                 "baseline = run_glue_no_trainer-style loop (pad to 128, random batches)", fontsize=9)
+        ax.set_ylim(50, 100)
+        ax.set_title(f"held-out accuracy (%) after {run['steps']} steps, mean of {len(run['seeds'])} seeds", fontsize=10)
+    ax = axes[2]
+    bars = ax.bar([labels[k] for k in keys], [s[k]["peak_rss_mb"] for k in keys], color=[colors[k] for k in keys])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_title("peak RSS (MB)", fontsize=10)
+    fig.suptitle(f"MiniLM on Rotten Tomatoes, batch 32, max length {results['max_length']}, {results['hardware']['cpu']} "
+                 f"({results['hardware']['cores']} cores, shared)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def accuracy_over_seeds(runs: dict) -> dict:
+    """Accuracy of the baseline and ours over the seeds of the repeats (each repeat is one seed):
+    equal accuracy is judged on the means, not on one run."""
+    out: dict = {"steps": runs["ours"][0]["steps"], "seeds": [r["seed"] for r in runs["ours"]]}
+    for kind in ARMS:
+        accs = [r["eval_accuracy"] for r in runs[kind]]
+        out[kind] = {"accuracies": accs, "mean_eval_accuracy": mean(accs), "eval_accuracy": mean(accs),
+                     "train_samples_per_second": median([r["train_samples_per_second"] for r in runs[kind]])}
+    out["accuracy_difference_pt"] = 100 * (out["ours"]["mean_eval_accuracy"] - out["baseline"]["mean_eval_accuracy"])
+    out["accuracy_difference_vs_pad_to_max_pt"] = 100 * (out["ours"]["mean_eval_accuracy"]
+                                                         - out["baseline_pad_to_max"]["mean_eval_accuracy"])
+    out["speedup_examples_per_s"] = out["ours"]["train_samples_per_second"] / out["baseline"]["train_samples_per_second"]
+    out["equal_accuracy"] = abs(out["accuracy_difference_pt"]) <= 0.5
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every run (267 = one epoch of RT)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each arm, alternating; repeat k uses seed k")
+    parser.add_argument("--max-length", type=int, default=64, help="truncation, every arm (the demo recipe's 64)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every arm (default: torch's)")
+    parser.add_argument("--pad-repeats", type=int, default=None,
+                        help="runs of the --pad_to_max_length arm, in the first repeats (default: --repeats)")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="evaluate on this many held-out sentences, spread over the file (default: all 2,121)")
     parser.add_argument("--ddp-repeats", type=int, default=1, help="2-process runs (0 skips the scaling part)")
     parser.add_argument("--compile-repeats", type=int, default=1,
                         help="runs of ours with torch.compile (inductor, dynamic shapes); 0 skips")
-    parser.add_argument("--accuracy-steps", type=int, default=267,
-                        help="one more run of each for accuracy, this many steps (267 = one epoch of RT; 0 skips)")
     parser.add_argument("--lora-steps", type=int, default=267,
                         help="LoRA vs full fine-tuning of MiniLM, this many steps of batch 32 (0 skips)")
     parser.add_argument("--lora-smollm2-steps", type=int, default=125,
@@ -266,9 +340,13 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-speed-repeats", type=int, default=3,
                         help="short runs of each (alternating) for the examples/s and peak RSS of the LoRA comparison")
     parser.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full fine-tuning part")
+    parser.add_argument("--from-runs", type=Path, default=None,
+                        help="rebuild the results from an interrupted run's runs-so-far.json (in BENCH_WORK_DIR/training)")
     args = parser.parse_args(argv)
+    if args.from_runs:
+        return from_runs(args.from_runs, args)
     if args.quick:
-        args.steps, args.repeats, args.ddp_repeats, args.accuracy_steps, args.compile_repeats = 2, 1, 0, 0, 0
+        args.steps, args.repeats, args.ddp_repeats, args.compile_repeats = 2, 1, 0, 0
         args.lora_steps, args.lora_smollm2_steps, args.lora_speed_repeats = 2, 0, 0
     files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
     if args.lora_only:
@@ -282,16 +360,27 @@ def main(argv=None) -> int:
         print(f"\nwrote {shown(path)} ({results['wall_s']:.0f} s)")
         return 0
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every arm's process
     hw = hardware()
     print_hardware(hw)
+    if args.eval_examples:
+        files = (files[0], eval_subset(files[1], args.eval_examples))
+    pad_repeats = args.repeats if args.pad_repeats is None else args.pad_repeats
     results: dict = {"hardware": hw, "quick": args.quick, "steps": args.steps, "batch_size": 32, "repeats": args.repeats,
-                     "runs": {"baseline": [], "ours": [], "ours_ddp": [], "ours_compiled": []}}
+                     "pad_repeats": pad_repeats, "max_length": args.max_length,
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                     "runs": {**{k: [] for k in ARMS}, "ours_ddp": [], "ours_compiled": []}}
     started = time.perf_counter()
     for rep in range(args.repeats):
-        for kind, fn in (("baseline", baseline), ("ours", ours)):
-            r = fn(args, files, rep)
+        for kind, (fn, _) in ARMS.items():
+            if kind == "baseline_pad_to_max" and rep >= pad_repeats:
+                continue
+            r = fn(args, files, rep, seed=rep + 1)
             results["runs"][kind].append(r)
-            print(f"  rep {rep + 1} {kind:8}: {r['train_samples_per_second']:.1f} ex/s, {r['train_tokens_per_second']:.0f} tok/s, "
+            # every finished run is kept at once (a long benchmark interrupted late keeps its runs)
+            (WORK / "training" / "runs-so-far.json").write_text(json.dumps(results, indent=1, default=str))
+            print(f"  rep {rep + 1} {kind:20}: {r['train_samples_per_second']:.1f} ex/s, {r['train_tokens_per_second']:.0f} tok/s, "
                   f"accuracy {r['eval_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     for rep in range(args.ddp_repeats):
         r = ours(args, files, rep, processes=2)
@@ -303,58 +392,69 @@ def main(argv=None) -> int:
         results["runs"]["ours_compiled"].append(r)
         print(f"  rep {rep + 1} ours + torch.compile: {r['train_samples_per_second']:.1f} ex/s (compilation included), "
               f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-    if args.accuracy_steps:
-        # 40 steps is enough for speed but not for accuracy: neither loop has converged. One run of
-        # each to the end of an epoch compares what the two loops learn.
-        long = argparse.Namespace(**{**vars(args), "steps": args.accuracy_steps})
-        results["accuracy_run"] = {"steps": args.accuracy_steps}
-        for kind, fn in (("baseline", baseline), ("ours", ours)):
-            r = fn(long, files, "accuracy")
-            results["accuracy_run"][kind] = r
-            print(f"  {args.accuracy_steps} steps {kind:8}: {r['train_samples_per_second']:.1f} ex/s, "
-                  f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-        run = results["accuracy_run"]
-        run["accuracy_difference_pt"] = 100 * (run["ours"]["eval_accuracy"] - run["baseline"]["eval_accuracy"])
-        run["speedup_examples_per_s"] = run["ours"]["train_samples_per_second"] / run["baseline"]["train_samples_per_second"]
     if args.lora_steps or args.lora_smollm2_steps:
         results["lora_vs_full"] = run_lora_comparison(args, files)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    return finish(results, args)
+
+
+def finish(results: dict, args) -> int:
+    """Summary, JSON, tables and plot from `results["runs"]` (also for --from-runs)."""
+    results["accuracy_run"] = accuracy_over_seeds(results["runs"])
     summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
-    summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / summary["baseline"]["train_samples_per_second"]
-    summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - summary["baseline"]["eval_accuracy"])
+    b = summary["baseline"]
+    summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / b["train_samples_per_second"]
+    summary["speedup_vs_pad_to_max"] = (summary["ours"]["train_samples_per_second"]
+                                        / summary["baseline_pad_to_max"]["train_samples_per_second"])
+    summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - b["eval_accuracy"])
+    summary["speed_ratio_runs"] = [o["train_samples_per_second"] / x["train_samples_per_second"]
+                                   for o, x in zip(results["runs"]["ours"], results["runs"]["baseline"], strict=False)]
     if "ours_compiled" in summary:
         summary["compile_speedup"] = summary["ours_compiled"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     if "ours_ddp" in summary:
         summary["ddp_scaling"] = summary["ours_ddp"]["train_samples_per_second"] / summary["ours"]["train_samples_per_second"]
     results["summary"] = summary
-    results["wall_s"] = round(time.perf_counter() - started, 1)
+    results.setdefault("load_average_at_end", [round(x, 2) for x in os.getloadavg()])
     path = write_results("training", results, args.quick)
 
-    b = summary["baseline"]
     rows = []
-    for key, label in (("baseline", "baseline: run_glue_no_trainer-style (pad to 128, random batches)"),
-                       ("ours", "ours: training/finetune.py, 1 process"), ("ours_ddp", "ours: 2-process DDP (gloo, 2 x 16)"),
-                       ("ours_compiled", "ours + torch.compile (inductor, compilation included)")):
+    for key, label in [(k, v[1]) for k, v in ARMS.items()] + list(EXTRA_LABELS.items()):
         if key in summary:
             s = summary[key]
             rows.append([label, s["train_samples_per_second"], f"{s['train_samples_per_second'] / b['train_samples_per_second']:.2f}x",
                          s["train_tokens_per_second"], 100 * s["eval_accuracy"], s["peak_rss_mb"]])
-    print(f"\nMiniLM on Rotten Tomatoes train, {args.steps} steps x batch 32 (max 128 tokens) -> accuracy on "
-          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {args.repeats}")
+    print(f"\nMiniLM on Rotten Tomatoes train, {results['steps']} steps x batch 32 (max {results['max_length']} tokens) -> accuracy on "
+          f"{results['runs']['baseline'][0]['eval_examples']} held-out; median of {results['repeats']} (seeds 1-{results['repeats']}), "
+          f"arms alternating; accuracy column: median")
     print(table(["run", "examples/s", "vs baseline", "real tokens/s", "accuracy (%)", "peak RSS (MB)"], rows))
     if "accuracy_run" in results:
         run = results["accuracy_run"]
-        print(f"\nTrained {run['steps']} steps (one epoch), one run each:")
-        print(table(["run", "examples/s", "vs baseline", "accuracy (%)"], [
-            ["baseline", run["baseline"]["train_samples_per_second"], "1.00x", 100 * run["baseline"]["eval_accuracy"]],
-            ["ours", run["ours"]["train_samples_per_second"], f"{run['speedup_examples_per_s']:.2f}x",
-             100 * run["ours"]["eval_accuracy"]]]))
-        print(f"accuracy difference (ours - baseline): {run['accuracy_difference_pt']:+.1f} pt (target within 0.5)")
+        print(f"\nAccuracy after {run['steps']} steps, seeds {run['seeds']}, held-out sentences as above:")
+        print(table(["run", "examples/s (median)", "vs baseline", "accuracy per seed (%)", "mean (%)"], [
+            [kind, run[kind]["train_samples_per_second"],
+             f"{run[kind]['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
+             " / ".join(f"{100 * a:.1f}" for a in run[kind]["accuracies"]), 100 * run[kind]["mean_eval_accuracy"]]
+            for kind in ARMS]))
+        print(f"accuracy difference of the means (ours - baseline): {run['accuracy_difference_pt']:+.2f} pt (equal: within 0.5)")
     if results.get("lora_vs_full"):
         print_lora_table(results["lora_vs_full"])
     png = plot_path("training", args.quick)
     plot(results, png)
-    print(f"\nwrote {shown(path)} and {shown(png)} ({results['wall_s']:.0f} s)")
+    print(f"\nwrote {shown(path)} and {shown(png)} ({results.get('wall_s', 0):.0f} s)")
     return 0
+
+
+def from_runs(path: Path, args) -> int:
+    """Rebuild the results from the runs an interrupted benchmark kept (runs-so-far.json): only complete
+    repeats (every arm's run of it) count, so each arm has the same seeds."""
+    results = json.loads(path.read_text())
+    runs = results["runs"]
+    complete = min(len(runs["baseline"]), len(runs["ours"]))
+    runs["baseline"], runs["ours"] = runs["baseline"][:complete], runs["ours"][:complete]
+    results["repeats"] = complete
+    results["pad_repeats"] = len(runs["baseline_pad_to_max"])
+    results["interrupted"] = f"rebuilt from {path.name}: {complete} complete repeat(s) of the {args.repeats} asked for"
+    return finish(results, args)
 
 
 if __name__ == "__main__":
