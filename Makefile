@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser test lint demo demo-train bench clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
+.PHONY: install assets browser test lint demo demo-train bench clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,16 @@ bench: install assets
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/quality.py
+
+# The CPU variant of the Dockerfile, built with podman from Debian's packages (no Docker engine or
+# image registry needed; see docker/build-cpu-image.sh). About 10 min from nothing, seconds when cached.
+image-cpu:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" docker/build-cpu-image.sh
+
+# That image run with podman: serving, health checks, SIGTERM drain, restarts, the train role
+# (tests/e2e/test_container.py, marker `container`: not part of `make test`; about 5 min).
+test-container: install image-cpu
+	$(PY) -m pytest -q -m container tests/e2e/test_container.py
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache
