@@ -93,10 +93,12 @@ bench: install assets
 image-cpu:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" docker/build-cpu-image.sh
 
-# That image run with podman: serving, health checks, SIGTERM drain, restarts, the train role
-# (tests/e2e/test_container.py, marker `container`: not part of `make test`; about 5 min).
+# That image run with podman (serving, health checks, SIGTERM drain, restarts, the train role), and
+# two replicas behind nginx with one killed under load. Marker `container`: not part of `make test`
+# (about 6 min on 2 cores; tests/e2e/test_container.py, tests/e2e/test_scale_out.py).
 test-container: install image-cpu
-	$(PY) -m pytest -q -m container tests/e2e/test_container.py
+	tests/e2e/install_nginx.sh
+	$(PY) -m pytest -q -m container tests/e2e/test_container.py tests/e2e/test_scale_out.py
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache
