@@ -15,14 +15,22 @@
 #      cgroups needed for the RUN steps.
 #
 # Settings (environment): IMAGE (hf-finetune-serve:cpu), CPU_BASE_IMAGE, DEBIAN_SUITE (bookworm:
-# Python 3.11, which the cp311 wheel needs), DEBIAN_MIRROR, TORCH_SPEC (torch==2.13.0), PYTHON (the
+# Python 3.11, which the cp311 wheel needs), DEBIAN_MIRROR (apt's), TORCH_SPEC (torch==2.13.0), PYTHON (the
 # host Python whose pip resolves TORCH_SPEC), CA_BUNDLE, APP_UID/APP_GID (1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE="${IMAGE:-hf-finetune-serve:cpu}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian mirror this machine's apt uses (deb822 .sources, then one-line .list files), so the base
+# comes from the same package registry as everything else here; debootstrap's own default otherwise.
+apt_mirror() {
+    {
+        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+        grep -hsE '^deb\s' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | sed -E 's/\[[^]]*\]//' | awk '{print $2}'
+    } | grep -E '/debian/?$' | head -n 1 || true
+}
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-$(apt_mirror)}"
 CPU_BASE_IMAGE="${CPU_BASE_IMAGE:-localhost/debian-python:${DEBIAN_SUITE}}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
@@ -49,7 +57,7 @@ if ! $SUDO podman image exists "$CPU_BASE_IMAGE"; then
     $SUDO rm -rf "$rootfs"
     mkdir -p "$WORK"
     $SUDO debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
-        "$DEBIAN_SUITE" "$rootfs" "$DEBIAN_MIRROR"
+        "$DEBIAN_SUITE" "$rootfs" ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"}
     $SUDO chroot "$rootfs" python3 -m venv /opt/python
     $SUDO rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     $SUDO tar --numeric-owner -C "$rootfs" -c . | $SUDO podman import \
