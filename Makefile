@@ -90,15 +90,16 @@ bench: install assets
 
 # The CPU variant of the Dockerfile, built with podman from Debian's packages (no Docker engine or
 # image registry needed; see docker/build-cpu-image.sh). About 10 min from nothing, seconds when cached.
+CPU_IMAGE ?= hf-finetune-serve:cpu
 image-cpu:
-	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" docker/build-cpu-image.sh
+	IMAGE=$(CPU_IMAGE) PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" docker/build-cpu-image.sh
 
 # That image run with podman (serving, health checks, SIGTERM drain, restarts, the train role), and
 # two replicas behind nginx with one killed under load. Marker `container`: not part of `make test`
 # (about 6 min on 2 cores; tests/e2e/test_container.py, tests/e2e/test_scale_out.py).
-test-container: install image-cpu
+test-container: install assets image-cpu
 	tests/e2e/install_nginx.sh
-	$(PY) -m pytest -q -m container tests/e2e/test_container.py tests/e2e/test_scale_out.py
+	HF_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q -m container tests/e2e/test_container.py tests/e2e/test_scale_out.py
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache
