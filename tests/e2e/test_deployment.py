@@ -70,7 +70,8 @@ SERVER_ENV = [
     "HF_SERVE_ONNX_CACHE",
 ]
 # Fixed inside the container: the image's layout decides them, not the user.
-CONTAINER_FIXED = {"HF_SERVE_MODELS_DIR": "/app/models", "HF_SERVE_HOST": "0.0.0.0"}
+CONTAINER_FIXED = {"HF_SERVE_MODELS_DIR": "/app/models", "HF_SERVE_HOST": "0.0.0.0",
+                   "HF_SERVE_ONNX_CACHE": "/hf-cache/hf-serve-onnx"}
 # No value in the compose file: passed through from the user's shell or .env when set, and
 # absent otherwise, so the server's own "unset" meaning applies (auth off, no CORS, torch's
 # thread default). Everything else has a `${VAR:-default}`.

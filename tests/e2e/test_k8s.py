@@ -54,7 +54,7 @@ OVERLAYS = {
 # schema kubernetes-validate ships.
 K8S_VERSIONS = ["1.29", kubernetes_validate.utils.latest_version()]
 # Values that the container layout fixes, instead of the server's defaults (models, 127.0.0.1).
-CONTAINER_LAYOUT = {"models_dir": Path("/app/models"), "host": "0.0.0.0"}
+CONTAINER_LAYOUT = {"models_dir": Path("/app/models"), "host": "0.0.0.0", "onnx_cache": Path("/hf-cache/hf-serve-onnx")}
 # What each serving overlay changes in the settings, on top of base/common/settings.env.
 OVERLAY_SETTINGS = {"gpu": {}, "cpu": {"device": "cpu", "torch_threads": 4}, "kserve": {}}
 
