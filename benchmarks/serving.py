@@ -548,12 +548,12 @@ def summarise(out: dict, levels: list[int], generation: bool) -> dict:
                                                       for o, t in zip(ours_runs, tut, strict=False) if t["throughput_rps"]]
             row["paired"]["ours_p50_over_tutorial_p50"] = median([o["p50_ms"] / t["p50_ms"]
                                                                   for o, t in zip(ours_runs, tut, strict=False)])
-            if "before" in out["servers"]:
-                before = out["servers"]["before"][str(c)]
-                row["paired"]["before_vs_tutorial"] = median([b["throughput_rps"] / t["throughput_rps"]
-                                                              for b, t in zip(before, tut, strict=False)])
-                row["paired"]["ours_vs_before"] = median([o["throughput_rps"] / b["throughput_rps"]
-                                                          for o, b in zip(ours_runs, before, strict=False)])
+            for other in [k for k in out["servers"] if k not in ("ours", "naive", "tutorial")]:  # A/B arms
+                runs = out["servers"][other][str(c)]
+                row["paired"][f"{other}_vs_tutorial"] = median([b["throughput_rps"] / t["throughput_rps"]
+                                                                for b, t in zip(runs, tut, strict=False)])
+                row["paired"][f"ours_vs_{other}"] = median([o["throughput_rps"] / b["throughput_rps"]
+                                                            for o, b in zip(ours_runs, runs, strict=False)])
         if all("optimised_single_forward_ms" in r for r, _, _ in pairs):
             row["paired"]["ours_p50_minus_optimised_single_ms"] = median(
                 [o["p50_ms"] - r["optimised_single_forward_ms"] for r, o, _ in pairs])
@@ -622,9 +622,9 @@ def print_tables(results: dict) -> None:
         tut_heads = (["tutorial req/s", "ours/tutorial"], ["tutorial p50/p95/p99 ms"]) if has_tutorial else ([], [])
         print(table(["clients", "ours req/s", *tut_heads[0], "naive req/s", "ours/naive", "ours/raw", "ours p50/p95/p99 ms",
                      *tut_heads[1], "naive p50/p95/p99 ms", "errors ours/naive", "peak RSS MB ours/naive", "client CPU"], rows))
-        if all("ours_vs_before" in row["paired"] for row in s["levels"].values()):
-            print("A/B, ours vs BENCH_BEFORE_DIR's service/ (req/s ratio; p50 ms before -> now): " + "; ".join(
-                f"{c} client(s) {row['paired']['ours_vs_before']:.2f}x, {row['before']['p50_ms']:.1f} -> {row['ours']['p50_ms']:.1f}"
+        for other in [k for k in next(iter(s["levels"].values())) if k not in ("ours", "naive", "tutorial", "paired")]:
+            print(f"A/B, ours vs {other} (req/s ratio; p50 ms {other} -> ours): " + "; ".join(
+                f"{c} client(s) {row['paired'][f'ours_vs_{other}']:.2f}x, {row[other]['p50_ms']:.1f} -> {row['ours']['p50_ms']:.1f}"
                 for c, row in s["levels"].items()))
         if "label_check" in m:
             lc = m["label_check"]

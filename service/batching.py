@@ -163,36 +163,24 @@ class ModelWorker:
         for job in batch:
             job.started = start
         self._gauge()
-
-        def run_and_answer(prepared: list, params: list) -> list:
-            # Answered from the torch thread as soon as the forward pass returns, not after a wake-up of
-            # this worker thread: a lone request's latency paid that hop (on a busy CPU, up to a time slice).
-            results = self.runner.run_batch(prepared, params)
-            done = time.perf_counter()
-            for job, result in zip(batch, results, strict=True):
-                job.finished = done
-                resolve(job, result)
-            return results
-
         try:
-            torch_thread.run(run_and_answer, [j.prepared for j in batch], [j.params for j in batch],
-                             owner=self.name, limit=self.timeout_s)
+            results = torch_thread.run(self.runner.run_batch, [j.prepared for j in batch], [j.params for j in batch],
+                                       owner=self.name, limit=self.timeout_s)
             error = None
         except torch_thread.TorchTaskHung as exc:  # the requests get a 504; the registry reloads the model
-            error = exc
+            results, error = [None] * len(batch), exc
         except Exception as exc:
-            error = failure(self.name, exc)
+            results, error = [None] * len(batch), failure(self.name, exc)
         end = time.perf_counter()
         self.batches += 1
         self._last_jobs = len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         self.metrics.batch_size.labels(self.name).observe(inputs)
         self.metrics.forward_seconds.labels(self.name).observe(end - start)
-        for job in batch:
+        for job, result in zip(batch, results, strict=True):
+            job.finished = end
             job.prepared = None
-            if error is not None:  # a job answered before the failure keeps its answer (resolve skips it)
-                job.finished = job.finished or end
-                resolve(job, error)
+            resolve(job, error if error is not None else result)
 
 
 def resolve(job: Job, result) -> None:
