@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
+.PHONY: install assets browser nginx test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,11 @@ assets: install
 browser: install
 	tests/e2e/install_browser.sh $(PY)
 
-test: install assets browser
+# Debian's nginx binary: `make test` checks that the scale-out template renders to a config nginx accepts.
+nginx:
+	tests/e2e/install_nginx.sh
+
+test: install assets browser nginx
 	$(PY) -m pytest -q
 
 lint: install
@@ -117,8 +121,7 @@ image-cpu:
 # That image run with podman (serving, health checks, SIGTERM drain, restarts, the train role), and
 # two replicas behind nginx with one killed under load. Marker `container`: not part of `make test`
 # (about 6 min on 2 cores; tests/e2e/test_container.py, tests/e2e/test_scale_out.py).
-test-container: install assets image-cpu
-	tests/e2e/install_nginx.sh
+test-container: install assets image-cpu nginx
 	HF_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q -m container tests/e2e/test_container.py tests/e2e/test_scale_out.py
 
 clean:
