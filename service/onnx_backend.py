@@ -18,7 +18,7 @@ so one model's forward pass at a time uses the cores, whichever backend runs it;
 intra-op pool has `torch_threads` threads (torch's count when unset), counting the calling thread.
 Its pool does not spin-wait between runs (`allow_spinning` 0): spinning workers would take the cores
 from the next torch forward pass or the batcher's tokenizing, the slowdown torch_thread.py exists to
-avoid (docs/performance.md, ONNX Runtime).
+avoid (a choice by reasoning, not measured against spinning: docs/performance.md, ONNX Runtime).
 """
 
 from __future__ import annotations
