@@ -107,7 +107,9 @@ class FastImagePreprocess:
 
 class ImageClassificationRunner(ClassifierRunner):
     onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
-    onnx_int8 = False  # quantize=int8 leaves image models in float32 (docs/performance.md, ONNX Runtime)
+    # quantize=int8 leaves image models in float32: on the demo MobileNetV2 dynamic int8 lost 3.8 points
+    # and ran slower, static QDQ calibrated on the probe images lost 28 (docs/performance.md, ONNX Runtime).
+    onnx_int8 = False
 
     def __init__(self, model, image_processor):
         super().__init__(model)
