@@ -132,6 +132,8 @@ def start_server(models_dir: Path, args) -> tuple[subprocess.Popen, str, Path]:
     cmd = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port),
            "--max-concurrent-requests", str(args.max_concurrent), "--max-new-tokens", "64",
            "--log-level", "warning", "--reload-interval-s", "5"]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -509,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-model", default="images")
     parser.add_argument("--chat-model", default="chat")
     parser.add_argument("--embed-model", default="embedder")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="the server's torch threads (default: its own); 1 on a CPU shared with other work, where "
+                             "two OpenMP threads collapse")
     parser.add_argument("--tiny", action="store_true", help="tiny models even when the demo models exist")
     parser.add_argument("--url", help="load an already running server instead of starting one")
     parser.add_argument("--pid", type=int, help="with --url: the server's pid, for RSS")
