@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,37 @@ def run_logged(cmd: list[str], log: Path, env: dict | None = None, nice: int = 0
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); log {log}:\n{tail}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(models_dir: Path, flags: list[str], log_path: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """`python -m service` on a free loopback port with these extra flags, output into `log_path`;
+    returns once `/ready` answers 200 (exits with the log's tail if the server dies or never gets ready)."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port), *flags]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
 
 
 def python() -> str:

@@ -18,19 +18,16 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, start_service  # noqa: E402  (also sets the offline defaults)
 
 DEMO = ("demo-sentiment", "demo-images", "demo-embeddings", "demo-generate")
 
@@ -65,34 +62,11 @@ def demo_models(root: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """The server as a user starts it, with a small generation cap so generated requests stay fast
     (anything above it must be a declared 422)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port),
-           "--reload-interval-s", "0", "--max-new-tokens", "16", "--max-batch-wait-ms", "1",
-           "--max-request-bytes", str(256 * 1024), "--log-level", "warning"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    return start_service(models_dir, ["--reload-interval-s", "0", "--max-new-tokens", "16", "--max-batch-wait-ms", "1",
+                                      "--max-request-bytes", str(256 * 1024), "--log-level", "warning"], log_path)
 
 
 def main(argv: list[str] | None = None) -> int:

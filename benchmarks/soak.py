@@ -38,7 +38,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,10 +48,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, start_service  # noqa: E402  (also sets the offline defaults)
 
 SENTENCES = [
     "A gorgeous, witty, seductive movie.", "Dull and lifeless from start to finish.",
@@ -120,35 +118,14 @@ def prepare_models(args) -> tuple[Path, dict]:
                   "source": source}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(models_dir: Path, args) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port),
-           "--max-concurrent-requests", str(args.max_concurrent), "--max-new-tokens", "64",
-           "--log-level", "warning", "--reload-interval-s", "5"]
+    flags = ["--max-concurrent-requests", str(args.max_concurrent), "--max-new-tokens", "64",
+             "--log-level", "warning", "--reload-interval-s", "5"]
     if args.torch_threads:
-        cmd += ["--torch-threads", str(args.torch_threads)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+        flags += ["--torch-threads", str(args.torch_threads)]
+    proc, url = start_service(models_dir, flags, log_path)
+    return proc, url, log_path
 
 
 def rss_bytes(pid: int) -> int | None:
