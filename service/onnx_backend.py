@@ -201,7 +201,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
-def _why_not(runner, settings: Settings) -> str | None:
+def _why_not(runner) -> str | None:
     if not hasattr(runner, "onnx_probe"):
         return "this task runs on torch only"
     model = runner.model
@@ -222,7 +222,7 @@ def _why_not(runner, settings: Settings) -> str | None:
 def use_onnx(runner, path: Path, info: FolderInfo, settings: Settings) -> Backend:
     """Put `runner` on ONNX Runtime if its model exports and agrees with torch; else leave it on
     torch. Returns the backend that serves it (blocking: call on the torch thread)."""
-    reason = _why_not(runner, settings)
+    reason = _why_not(runner)
     if reason is not None:
         return Backend("torch", note=reason)
     started = time.perf_counter()
