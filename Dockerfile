@@ -25,6 +25,10 @@ FROM ${BASE_IMAGE}
 # wheel file in a folder mounted at build time (podman build -v ./wheels:/wheels:ro ...).
 ARG TORCH_SPEC=
 
+# Optional features of pyproject.toml installed with the project (comma-separated extras; empty for
+# none): `onnx` is what HF_SERVE_BACKEND=onnx needs (onnx, onnxscript, onnxruntime: about 60 MB).
+ARG EXTRAS=onnx
+
 # The container user; build with APP_UID=$(id -u) APP_GID=$(id -g) so that a bind-mounted
 # ./models stays writable by you and by the train service.
 ARG APP_UID=1000
@@ -64,7 +68,7 @@ RUN if [ -n "${TORCH_SPEC}" ]; then pip install --no-cache-dir ${TORCH_SPEC}; fi
 #    torch, the build fails here instead of silently downloading gigabytes.
 COPY pyproject.toml ./
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/constraints.txt \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+ && python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [e for e in sys.argv[1].split(',') if e]; print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-dependencies'][e]]))" "${EXTRAS}" \
       > /tmp/requirements.txt \
  && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt \
  && python -c "import importlib.metadata as m, sys; pin = open('/tmp/constraints.txt').read().strip(); sys.exit(0 if pin == 'torch==' + m.version('torch') else 'pip replaced torch: ' + pin)" \

@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser nginx test lint demo demo-train bench bench-soak bench-onnx fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
+.PHONY: install assets browser nginx test lint demo demo-train bench bench-serving bench-generation bench-adapters bench-training bench-quality bench-soak bench-onnx gpu-check gpu-check-bundle fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
 
 install: $(VENV)/.installed
 
@@ -38,8 +38,11 @@ browser: install
 nginx:
 	tests/e2e/install_nginx.sh
 
+# TEST_WORKERS pytest-xdist workers (tests that share an expensive fixture stay on one: --dist loadgroup);
+# TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: install assets browser nginx
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -83,16 +86,39 @@ mpnet-sentiment: install assets-mpnet models/mpnet-sentiment/all_results.json
 models/mpnet-sentiment/all_results.json: training/recipes/mpnet-sentiment.yaml
 	$(ACCELERATE_LAUNCH) training/finetune.py --recipe $< --resume_from_checkpoint latest
 
-# Speed and quality against in-run baselines (about 1.5 h on 2 CPU cores); tables on stdout,
-# JSON + PNG in benchmarks/results/ (docs/performance.md).
-bench: install assets
-	$(PY) benchmarks/serving.py
+# Speed and quality against in-run baselines; tables on stdout, JSON + PNG in benchmarks/results/
+# (docs/performance.md). `make bench` runs every part (about 2.5 h on 2 CPU cores); each part on its
+# own fits one sitting (times on 2 idle cores in the README, Performance).
+bench: bench-serving bench-generation bench-adapters bench-training bench-quality bench-onnx bench-soak
+
+# MiniLM, MPNet, MobileNetV2, ResNet-50 (+ bert-base, GPT-2): ours (torch, and ONNX int8) vs the docs' tutorial
+# server and a naive one, 1/8/32/64 clients, 3 interleaved repetitions.
+bench-serving: install assets demo-train assets-mpnet
+	$(PY) benchmarks/serving.py --servers tutorial,naive,ours,ours-onnx
+
+bench-generation: install assets
 	$(PY) benchmarks/generation.py
+
+bench-adapters: install assets
 	$(PY) benchmarks/adapters.py
+
+# ours vs run_glue_no_trainer.py's default loop (and --pad_to_max_length), 3 seeds each; LoRA vs full.
+bench-training: install assets
 	$(PY) benchmarks/training.py
+
+bench-quality: install assets assets-mpnet
 	$(PY) benchmarks/quality.py
-	$(MAKE) bench-onnx
-	$(MAKE) bench-soak
+
+# The CUDA path against the same baselines, about 5 min on one GPU (benchmarks/gpu_check.py): bf16 training vs
+# run_glue_no_trainer's loop, fp16 serving vs the tutorial server. On a GPU host after `make install
+# TORCH_SPEC=torch`: `make gpu-check`. For a lent machine without this project's packages, build the bundle
+# here (`make gpu-check-bundle`: wheels + small asset files in .gpu-check/, git-ignored) and run there
+# `ln -sfn .gpu-check/assets assets && python3 benchmarks/gpu_check.py`, carrying .gpu-check.
+gpu-check: install assets
+	$(PY) benchmarks/gpu_check.py
+
+gpu-check-bundle: install assets
+	$(PY) benchmarks/gpu_check.py --bundle .gpu-check
 
 # SOAK_MINUTES (default 10) of mixed load, all tasks with real SmolLM2 chat (benchmarks/README_soak.md): fails on
 # any unexpected answer, or when RSS grows more than 5 % from minute 1-2 to the last minute.

@@ -211,6 +211,32 @@ def build_text_model(folder: Path, size: str = "bert-base") -> Path:
     return folder
 
 
+def mpnet_classifier(folder: Path) -> Path:
+    """A fine-tuned all-mpnet-base-v2 sentiment classifier: `make mpnet-sentiment`'s, or the first seed of
+    `benchmarks/quality.py --only mpnet`; failing both, the packaged encoder with a fresh 2-label head
+    (seeded), which costs exactly what a trained one does (its labels mean nothing)."""
+    for trained in (REPO / "models" / "mpnet-sentiment", WORK / "quality" / "runs" / "rt-mpnet-seed1"):
+        if (trained / "model.safetensors").is_file():
+            return trained
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = ASSETS / "models" / "all-mpnet-base-v2"
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"{source} is missing: run `make assets-mpnet`")
+    torch.manual_seed(0)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model.eval().save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    _card(tmp, "text-classification")
+    tmp.rename(folder)
+    return folder
+
+
 def build_resnet50(folder: Path, size: str = "resnet-50") -> Path:
     """ResNetConfig() (ResNet-50, random weights, 10 classes) with the ImageNet processor of the MobileNetV2
     folder (resize 256, center-crop 224, normalise): the same preprocessing cost as microsoft/resnet-50's."""

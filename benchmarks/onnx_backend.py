@@ -34,7 +34,9 @@ from benchmarks.common import (  # noqa: E402
     DEMO_IMAGES,
     DEMO_SENTIMENT,
     FASHION_DIR,
+    REPO,
     RT_DIR,
+    WORK,
     hardware,
     median,
     percentile,
@@ -45,7 +47,8 @@ from benchmarks.common import (  # noqa: E402
 )
 
 BACKENDS = (("torch", "none"), ("onnx", "none"), ("onnx", "int8"))
-MPNET_CANDIDATES = (Path("/work/bench-work/quality/runs/rt-mpnet-seed1"), Path("models/mpnet-sentiment"))
+# `make mpnet-sentiment`, or the first seed of `benchmarks/quality.py --only mpnet` (its model folder)
+MPNET_CANDIDATES = (REPO / "models" / "mpnet-sentiment", WORK / "quality" / "runs" / "rt-mpnet-seed1")
 
 
 def rt_test(limit: int | None) -> tuple[list[str], list[str]]:

@@ -11,7 +11,10 @@ raw image bytes.
 
 Two departures, neither on the request path: the tutorial's `@app.on_event("startup")` is written as
 Starlette's `lifespan` (the same startup task; `on_event` is deprecated in Starlette 1.x), and the model
-comes from `TUTORIAL_MODEL` / `TUTORIAL_TASK` instead of a hard-coded Hub id.
+comes from `TUTORIAL_MODEL` / `TUTORIAL_TASK` instead of a hard-coded Hub id. On a GPU
+(`benchmarks/gpu_check.py`) the pipeline gets what a user adds there, `device` and `dtype`
+(`TUTORIAL_DEVICE=cuda:0 TUTORIAL_DTYPE=float16`); for text generation, `TUTORIAL_MAX_NEW_TOKENS=N`
+makes every answer exactly N greedy tokens (`min_new_tokens` too), so tokens/s compare.
 
     TUTORIAL_MODEL=models/demo-sentiment TUTORIAL_TASK=text-classification \
         uvicorn benchmarks.tutorial_server:app --host 127.0.0.1 --port 8002
@@ -44,13 +47,27 @@ async def homepage(request):
     return JSONResponse(output)
 
 
+def _pipeline_kwargs() -> tuple[dict, dict]:
+    """(pipeline(...) kwargs, per-call kwargs) from the TUTORIAL_* variables; both empty by default."""
+    build, call = {}, {}
+    if os.environ.get("TUTORIAL_DEVICE"):
+        build["device"] = os.environ["TUTORIAL_DEVICE"]
+    if os.environ.get("TUTORIAL_DTYPE"):
+        build["dtype"] = os.environ["TUTORIAL_DTYPE"]
+    if TASK == "text-generation" and os.environ.get("TUTORIAL_MAX_NEW_TOKENS"):
+        n = int(os.environ["TUTORIAL_MAX_NEW_TOKENS"])
+        call = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "return_full_text": False}
+    return build, call
+
+
 async def server_loop(q):
-    pipe = pipeline(TASK, model=MODEL)
+    build, call = _pipeline_kwargs()
+    pipe = pipeline(TASK, model=MODEL, **build)
     while True:
         (string, response_q) = await q.get()
         if TASK == "image-classification":
             string = Image.open(io.BytesIO(string)).convert("RGB")
-        out = pipe(string)
+        out = pipe(string, **call)
         await response_q.put(out)
 
 

@@ -172,6 +172,25 @@ def test_serves_a_read_only_model_as_non_root(image, models):
         assert write.returncode != 0 and "Read-only file system" in write.stderr
 
 
+def test_serves_on_the_onnx_backend(image, models, tmp_path):
+    """The image carries the `onnx` extra: HF_SERVE_BACKEND=onnx exports the read-only folder into the
+    cache volume (as docker-compose.yml mounts it) and answers what torch does."""
+    from transformers import pipeline
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    os.chown(cache, APP_UID, APP_UID)
+    texts = ["a fine film", "a dull one"]
+    with Container(image, models, "-e", "HF_SERVE_BACKEND=onnx", "-e", "HF_SERVE_ONNX_CACHE=/hf-cache/onnx",
+                   "-v", f"{cache}:/hf-cache") as box, httpx.Client(base_url=box.url, timeout=30) as client:
+        response = client.post("/models/sentiment", json={"inputs": texts})
+        assert response.status_code == 200, response.text
+        expected = pipeline("text-classification", model=str(models / "sentiment"), top_k=None)(texts)
+        assert_scores_close(response.json(), expected)
+        assert "served by ONNX Runtime" in box.logs(), box.logs()[-3000:]
+        assert list(cache.rglob("*.onnx")), "no ONNX file in the cache volume"
+
+
 def test_sigterm_drains_and_exits_0(image, models):
     """`podman stop` (SIGTERM) with a request whose body is still arriving: it is answered, then the
     container exits 0."""

@@ -32,6 +32,9 @@ from tests.training.subprocess_runs import (
 from training.finetune import main
 
 pytestmark = pytest.mark.slow
+# Under pytest-xdist the tests that share a session fixture's run stay on one worker, which runs it once.
+SHARES_REFERENCE = pytest.mark.xdist_group("gpt2-reference")
+SHARES_TWO_PROCESS_RUN = pytest.mark.xdist_group("two-process-run")
 
 
 def assert_resumed_like_reference(cwd: Path, reference: Path, resume_step: int, context: str = "") -> None:
@@ -45,6 +48,7 @@ def assert_resumed_like_reference(cwd: Path, reference: Path, resume_step: int, 
     assert res["train_steps"] == ref["train_steps"] == 20, context
 
 
+@SHARES_REFERENCE
 def test_kill_9_then_resume_matches_uninterrupted_run(tiny_gpt2, rt_small, reference, tmp_path):
     train, test = rt_small
     args = lm_args(tiny_gpt2, train, test)
@@ -67,6 +71,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_gpt2, rt_small, refer
     assert_resumed_like_reference(tmp_path, reference, resume_step=4)
 
 
+@SHARES_REFERENCE
 def test_external_sigkill_at_a_random_moment_then_resume(tiny_gpt2, rt_small, reference, tmp_path):
     """kill -9 from outside, at a random checkpoint (while it is being written, or just after), then
     `--resume_from_checkpoint latest`: the uninterrupted run's training state. FAULT_SEED=<n> replays one choice."""
@@ -176,6 +181,7 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@SHARES_REFERENCE
 @pytest.mark.parametrize("disk", ["file-size-limit", "full-tmpfs"])
 def test_disk_full_while_checkpointing_is_reported_and_resumable(disk, tiny_gpt2, rt_small, reference, tmp_path,
                                                                  request):
@@ -227,6 +233,7 @@ def test_early_stopping_stops_a_run_that_no_longer_improves(tiny_bert, rt_small,
     assert results["best_step"] == 2
 
 
+@SHARES_TWO_PROCESS_RUN
 def test_two_cpu_processes_ddp(two_process_run):
     cwd, stderr = two_process_run
     assert "2 process(es)" in stderr

@@ -35,6 +35,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two-process-run")  # shares test_loop.py's run of the two_process_run fixture
 def test_two_nodes_over_loopback_train_like_two_processes_on_one_node(two_process_run, tiny_bert, rt_small,
                                                                       tmp_path):
     train, test = rt_small
