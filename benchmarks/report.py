@@ -110,8 +110,7 @@ def training(data: dict) -> str:
         run = data["accuracy_run"]
         seeds = run.get("seeds")
         rows = []
-        for key, label in (("baseline", "baseline: `run_glue_no_trainer.py` default"),
-                           ("baseline_pad_to_max", "baseline: `run_glue_no_trainer.py --pad_to_max_length`"), ("ours", "ours")):
+        for key, label in [(k, v[1]) for k, v in ARMS.items()]:
             if key not in run:
                 continue
             r = run[key]

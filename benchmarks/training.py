@@ -94,13 +94,15 @@ def argv_of(flags: dict) -> list[str]:
     return out
 
 
-def baseline(args, files, rep, pad_to_max: bool = False, steps: int | None = None, seed: int = 42) -> dict:
-    """One run of benchmarks/train_baseline.py (run_glue_no_trainer.py's loop), default or --pad_to_max_length."""
-    log = WORK / "training" / f"baseline{'-pad' if pad_to_max else ''}-{rep}.log"
+def baseline(args, files, rep, pad_to_max: bool = False, steps: int | None = None, seed: int = 42,
+             mixed_precision: str = "no") -> dict:
+    """One run of benchmarks/train_baseline.py (run_glue_no_trainer.py's loop), default or --pad_to_max_length;
+    `mixed_precision` as `accelerate launch --mixed_precision` would set it (the script's default: no)."""
+    log = WORK / "training" / f"baseline{'-pad' if pad_to_max else ''}{'-' + mixed_precision if mixed_precision != 'no' else ''}-{rep}.log"
     cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32, steps, seed))]
     if pad_to_max:
         cmd.append("--pad_to_max_length")
-    peak = run_measured(cmd, log)
+    peak = run_measured(cmd, log, {"ACCELERATE_MIXED_PRECISION": mixed_precision})
     line = [x for x in log.read_text().splitlines() if x.startswith("{")][-1]
     return {**json.loads(line), "peak_rss_mb": peak, "seed": seed}
 
@@ -109,16 +111,26 @@ def baseline_pad_to_max(args, files, rep, **kw) -> dict:
     return baseline(args, files, rep, pad_to_max=True, **kw)
 
 
+def baseline_bf16(args, files, rep, **kw) -> dict:
+    return baseline(args, files, rep, mixed_precision="bf16", **kw)
+
+
+def ours_fp32(args, files, rep, **kw) -> dict:
+    return ours(args, files, rep, mixed_precision="no", **kw)
+
+
 # torch.compile through Accelerate's own switch (what `accelerate launch --dynamo_backend inductor`
 # sets); dynamic shapes, because every length-grouped batch has its own padded length.
 COMPILE_ENV = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_DYNAMIC": "true"}
 
 
-def ours(args, files, rep, processes: int = 1, compiled: bool = False, steps: int | None = None, seed: int = 42) -> dict:
-    out = WORK / "training" / f"ours-{processes}p{'-compiled' if compiled else ''}-{rep}"
+def ours(args, files, rep, processes: int = 1, compiled: bool = False, steps: int | None = None, seed: int = 42,
+         mixed_precision: str = "auto") -> dict:
+    """One run of training/finetune.py at its defaults (`--mixed_precision auto`), or the precision given."""
+    out = WORK / "training" / f"ours-{processes}p{'-compiled' if compiled else ''}-{mixed_precision}-{rep}"
     flags = {**common_flags(args, *files, 32 // processes, steps, seed), "task": "text-classification",
              "text_column": "text", "label_column": "label", "output_dir": out, "overwrite_output_dir": "true",
-             "checkpointing_steps": "none"}
+             "checkpointing_steps": "none", "mixed_precision": mixed_precision}
     if processes == 1:
         cmd = [python(), "training/finetune.py", *argv_of(flags)]
         env = COMPILE_ENV if compiled else None
@@ -129,7 +141,10 @@ def ours(args, files, rep, processes: int = 1, compiled: bool = False, steps: in
         env = {"ACCELERATE_USE_CPU": "true"}
     peak = run_measured(cmd, out.with_name(out.name + ".log"), env)
     results = json.loads((out / "all_results.json").read_text())
+    log = out.with_name(out.name + ".log").read_text()
+    precision = log.split("mixed precision ", 1)[1].split()[0] if "mixed precision " in log else None
     return {"train_runtime_s": results["train_runtime_s"], "train_samples_per_second": results["train_samples_per_second"],
+            "mixed_precision": precision,
             "train_tokens_per_second": results.get("train_tokens_per_second"), "steps": results["train_steps"],
             "eval_accuracy": results["eval_accuracy"], "eval_examples": results["eval_examples"],
             "num_processes": processes, "peak_rss_mb": peak, "seed": seed, "output_dir": str(out)}
@@ -257,8 +272,13 @@ KEYS = ("train_samples_per_second", "train_tokens_per_second", "eval_accuracy", 
 ARMS = {  # key -> (function, label in the tables)
     "baseline": (baseline, "baseline: `run_glue_no_trainer.py` default (`padding=False` + `DataCollatorWithPadding`, random batches)"),
     "baseline_pad_to_max": (baseline_pad_to_max, "baseline: `run_glue_no_trainer.py --pad_to_max_length` (every example padded to max length)"),
-    "ours": (ours, "ours: `training/finetune.py`, 1 process (dynamic padding, length-grouped batches)"),
+    "ours": (ours, "ours: `training/finetune.py`, 1 process, its defaults (length-grouped batches, fused AdamW, "
+                   "`--mixed_precision auto`: bf16 autocast on a CPU with AMX / AVX-512 BF16)"),
+    "ours_fp32": (ours_fp32, "ours, `--mixed_precision no` (float32)"),
+    "baseline_bf16": (baseline_bf16, "baseline under `accelerate launch --mixed_precision bf16`"),
 }
+# arms that run in the first --precision-repeats repeats only (the main comparison is ours vs baseline)
+PRECISION_ARMS = ("ours_fp32", "baseline_bf16")
 EXTRA_LABELS = {"ours_ddp": "ours: 2-process DDP (gloo, 2 x 16)",
                 "ours_compiled": "ours + `torch.compile` (inductor, dynamic shapes; compilation included)"}
 
@@ -275,8 +295,9 @@ def plot(results: dict, path: Path) -> None:
 
     s = results["summary"]
     labels = {"baseline": "run_glue\ndefault", "baseline_pad_to_max": "run_glue\n--pad_to_max", "ours": "ours",
+              "ours_fp32": "ours\nfloat32", "baseline_bf16": "run_glue\nbf16",
               "ours_ddp": "ours,\n2-proc DDP", "ours_compiled": "ours +\ncompile"}
-    colors = {"baseline": "grey", "baseline_pad_to_max": "silver", "ours": "C0", "ours_ddp": "C2", "ours_compiled": "C3"}
+    colors = {"baseline": "grey", "baseline_pad_to_max": "silver", "ours": "C0", "ours_fp32": "C9", "baseline_bf16": "dimgrey", "ours_ddp": "C2", "ours_compiled": "C3"}
     keys = [k for k in labels if k in s]
     run = results.get("accuracy_run")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
@@ -307,13 +328,14 @@ def accuracy_over_seeds(runs: dict) -> dict:
     """Accuracy of the baseline and ours over the seeds of the repeats (each repeat is one seed):
     equal accuracy is judged on the means, not on one run."""
     out: dict = {"steps": runs["ours"][0]["steps"], "seeds": [r["seed"] for r in runs["ours"]]}
-    for kind in ARMS:
+    for kind in [k for k in ARMS if runs.get(k)]:
         accs = [r["eval_accuracy"] for r in runs[kind]]
         out[kind] = {"accuracies": accs, "mean_eval_accuracy": mean(accs), "eval_accuracy": mean(accs),
                      "train_samples_per_second": median([r["train_samples_per_second"] for r in runs[kind]])}
     out["accuracy_difference_pt"] = 100 * (out["ours"]["mean_eval_accuracy"] - out["baseline"]["mean_eval_accuracy"])
-    out["accuracy_difference_vs_pad_to_max_pt"] = 100 * (out["ours"]["mean_eval_accuracy"]
-                                                         - out["baseline_pad_to_max"]["mean_eval_accuracy"])
+    if "baseline_pad_to_max" in out:
+        out["accuracy_difference_vs_pad_to_max_pt"] = 100 * (out["ours"]["mean_eval_accuracy"]
+                                                             - out["baseline_pad_to_max"]["mean_eval_accuracy"])
     out["speedup_examples_per_s"] = out["ours"]["train_samples_per_second"] / out["baseline"]["train_samples_per_second"]
     out["equal_accuracy"] = abs(out["accuracy_difference_pt"]) <= 0.5
     return out
@@ -328,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every arm (default: torch's)")
     parser.add_argument("--pad-repeats", type=int, default=None,
                         help="runs of the --pad_to_max_length arm, in the first repeats (default: --repeats)")
+    parser.add_argument("--precision-repeats", type=int, default=1,
+                        help="runs of ours in float32 and of the baseline under bf16, in the first repeats")
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="evaluate on this many held-out sentences, spread over the file (default: all 2,121)")
     parser.add_argument("--ddp-repeats", type=int, default=1, help="2-process runs (0 skips the scaling part)")
@@ -346,7 +370,7 @@ def main(argv=None) -> int:
     if args.from_runs:
         return from_runs(args.from_runs, args)
     if args.quick:
-        args.steps, args.repeats, args.ddp_repeats, args.compile_repeats = 2, 1, 0, 0
+        args.steps, args.repeats, args.ddp_repeats, args.compile_repeats, args.precision_repeats = 2, 1, 0, 0, 0
         args.lora_steps, args.lora_smollm2_steps, args.lora_speed_repeats = 2, 0, 0
     files = quick_files() if args.quick else (RT_DIR / "train.csv", RT_DIR / "test.csv")
     if args.lora_only:
@@ -376,6 +400,8 @@ def main(argv=None) -> int:
         for kind, (fn, _) in ARMS.items():
             if kind == "baseline_pad_to_max" and rep >= pad_repeats:
                 continue
+            if kind in PRECISION_ARMS and rep >= args.precision_repeats:
+                continue
             r = fn(args, files, rep, seed=rep + 1)
             results["runs"][kind].append(r)
             # every finished run is kept at once (a long benchmark interrupted late keeps its runs)
@@ -404,8 +430,9 @@ def finish(results: dict, args) -> int:
     summary = {k: {key: median([r[key] for r in runs]) for key in KEYS} for k, runs in results["runs"].items() if runs}
     b = summary["baseline"]
     summary["speedup_examples_per_s"] = summary["ours"]["train_samples_per_second"] / b["train_samples_per_second"]
-    summary["speedup_vs_pad_to_max"] = (summary["ours"]["train_samples_per_second"]
-                                        / summary["baseline_pad_to_max"]["train_samples_per_second"])
+    if "baseline_pad_to_max" in summary:
+        summary["speedup_vs_pad_to_max"] = (summary["ours"]["train_samples_per_second"]
+                                            / summary["baseline_pad_to_max"]["train_samples_per_second"])
     summary["accuracy_difference_pt"] = 100 * (summary["ours"]["eval_accuracy"] - b["eval_accuracy"])
     summary["speed_ratio_runs"] = [o["train_samples_per_second"] / x["train_samples_per_second"]
                                    for o, x in zip(results["runs"]["ours"], results["runs"]["baseline"], strict=False)]
@@ -434,7 +461,7 @@ def finish(results: dict, args) -> int:
             [kind, run[kind]["train_samples_per_second"],
              f"{run[kind]['train_samples_per_second'] / run['baseline']['train_samples_per_second']:.2f}x",
              " / ".join(f"{100 * a:.1f}" for a in run[kind]["accuracies"]), 100 * run[kind]["mean_eval_accuracy"]]
-            for kind in ARMS]))
+            for kind in ARMS if kind in run]))
         print(f"accuracy difference of the means (ours - baseline): {run['accuracy_difference_pt']:+.2f} pt (equal: within 0.5)")
     if results.get("lora_vs_full"):
         print_lora_table(results["lora_vs_full"])

@@ -164,6 +164,10 @@ class OptimArgs:
     """Linear warm-up steps of the learning rate."""
     max_grad_norm: float | None = 1.0
     """Clip gradients to this norm (none: no clipping)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision. auto: `accelerate launch --mixed_precision` when that says bf16/fp16, else bf16
+    where the hardware has native bf16 (a CUDA GPU with bf16; a CPU with AMX or AVX-512 BF16), else
+    float32. no: float32. Weights, optimizer state and checkpoints are float32 either way."""
     seed: int = 42
     """Random seed: data order, initialisation of new heads, dropout, augmentations."""
 

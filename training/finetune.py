@@ -28,6 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from training import precision
 from training.config import ConfigError, FinetuneConfig, parse_args, run_folder
 from training.data import load_raw_datasets
 from training.export import RESULTS_FILE, export_model
@@ -134,6 +135,7 @@ class ExportError(RuntimeError):
 def run(config: FinetuneConfig) -> Path:
     """Train and export; returns the model folder."""
     accelerator = Accelerator(
+        mixed_precision=precision.resolve(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=config.report_to if config.with_tracking else None,
         project_dir=str(run_folder(config)),  # tracker logs go to the run folder

@@ -210,7 +210,10 @@ def _optimizer(model: torch.nn.Module, config: FinetuneConfig) -> torch.optim.Op
     if not decay and not no_decay:
         raise ConfigError("no trainable parameters (check --freeze, or --lora_target_modules)")
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    # The fused kernel (CPU and CUDA, float32 parameters): one pass over all tensors instead of a Python
+    # loop of small ops; on MiniLM on 2 CPU cores the step took 32 ms instead of 148 (docs/performance.md).
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, fused=fused or None)
 
 
 def _dataloaders(bundle: TaskBundle, config: FinetuneConfig) -> tuple[DataLoader, DataLoader, DataLoader | None]:
