@@ -32,15 +32,18 @@ PUBLIC_PATHS = {"/health", "/v2/health/live", "/v2/health/ready", "/", "/docs", 
                 "/openapi.json", "/redoc"}
 
 
-def _settings(request: Request) -> Settings:
+# async on purpose: FastAPI runs a plain `def` dependency on its thread pool, a round trip to a worker
+# thread and back for each one, on every request (two of them cost a lone request a quarter of its
+# latency: docs/performance.md, Serving). Dependencies that do not block are `async def` here.
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _registry(request: Request) -> Registry:
+async def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
