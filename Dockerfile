@@ -25,10 +25,6 @@ FROM ${BASE_IMAGE}
 # wheel file in a folder mounted at build time (podman build -v ./wheels:/wheels:ro ...).
 ARG TORCH_SPEC=
 
-# Optional features of pyproject.toml installed with the project (comma-separated extras; empty for
-# none): `onnx` is what HF_SERVE_BACKEND=onnx needs (onnx, onnxscript, onnxruntime: about 60 MB).
-ARG EXTRAS=onnx
-
 # The container user; build with APP_UID=$(id -u) APP_GID=$(id -g) so that a bind-mounted
 # ./models stays writable by you and by the train service.
 ARG APP_UID=1000
@@ -66,6 +62,11 @@ RUN if [ -n "${TORCH_SPEC}" ]; then pip install --no-cache-dir ${TORCH_SPEC}; fi
 #    the source does. torch is pinned (pip constraint) to the build the base image ships, so
 #    pip can never swap the CUDA torch for another one: if a dependency needed a different
 #    torch, the build fails here instead of silently downloading gigabytes.
+# Declared here, not at the top: a build argument invalidates the cache of every RUN after it,
+# and the torch layer above should not be rebuilt for it.
+# Optional features of pyproject.toml installed with the project (comma-separated extras; empty for
+# none): `onnx` is what HF_SERVE_BACKEND=onnx needs (onnx, onnxscript, onnxruntime: about 60 MB).
+ARG EXTRAS=onnx
 COPY pyproject.toml ./
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/constraints.txt \
  && python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [e for e in sys.argv[1].split(',') if e]; print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-dependencies'][e]]))" "${EXTRAS}" \
