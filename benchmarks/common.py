@@ -189,6 +189,18 @@ def _card(folder: Path, tag: str) -> None:
     (folder / "README.md").write_text(f"---\npipeline_tag: {tag}\nlibrary_name: transformers\n---\n# benchmark model\n")
 
 
+def save_folder(folder: Path, tag: str, *parts) -> Path:
+    """Each of `parts` (a model, its tokenizer or processor) `save_pretrained` into `folder`, with a model
+    card for pipeline tag `tag`; written beside it and renamed into place, so a half-written folder is
+    never taken for a built one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    for part in parts:
+        part.save_pretrained(tmp)
+    _card(tmp, tag)
+    tmp.rename(folder)
+    return folder
+
+
 def build_text_model(folder: Path, size: str = "bert-base") -> Path:
     """A BertForSequenceClassification of bert-base size (random weights) with the MiniLM tokenizer;
     `tiny` is hidden 32 (for --quick)."""
@@ -203,12 +215,7 @@ def build_text_model(folder: Path, size: str = "bert-base") -> Path:
                                                   intermediate_size=64)
     config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, id2label={0: "negative", 1: "positive"},
                         label2id={"negative": 0, "positive": 1}, **kwargs)
-    tmp = folder.with_name(folder.name + ".tmp")
-    BertForSequenceClassification(config).eval().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _card(tmp, "text-classification")
-    tmp.rename(folder)
-    return folder
+    return save_folder(folder, "text-classification", BertForSequenceClassification(config).eval(), tokenizer)
 
 
 def mpnet_classifier(folder: Path) -> Path:
@@ -227,14 +234,9 @@ def mpnet_classifier(folder: Path) -> Path:
     if not (source / "config.json").is_file():
         raise SystemExit(f"{source} is missing: run `make assets-mpnet`")
     torch.manual_seed(0)
-    tmp = folder.with_name(folder.name + ".tmp")
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    model.eval().save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    _card(tmp, "text-classification")
-    tmp.rename(folder)
-    return folder
+    return save_folder(folder, "text-classification", model.eval(), AutoTokenizer.from_pretrained(source))
 
 
 def build_resnet50(folder: Path, size: str = "resnet-50") -> Path:
@@ -250,13 +252,8 @@ def build_resnet50(folder: Path, size: str = "resnet-50") -> Path:
     kwargs = {} if size == "resnet-50" else dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                   layer_type="basic")
     config = ResNetConfig(num_labels=10, id2label=labels, label2id={v: k for k, v in labels.items()}, **kwargs)
-    tmp = folder.with_name(folder.name + ".tmp")
-    ResNetForImageClassification(config).eval().save_pretrained(tmp)
-    processor = AutoImageProcessor.from_pretrained(MOBILENET)
-    processor.save_pretrained(tmp)
-    _card(tmp, "image-classification")
-    tmp.rename(folder)
-    return folder
+    return save_folder(folder, "image-classification", ResNetForImageClassification(config).eval(),
+                       AutoImageProcessor.from_pretrained(MOBILENET))
 
 
 def build_gpt2(folder: Path, size: str = "gpt2") -> Path:
@@ -270,14 +267,9 @@ def build_gpt2(folder: Path, size: str = "gpt2") -> Path:
     tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
     kwargs = {} if size == "gpt2" else dict(n_embd=32, n_layer=2, n_head=2)
     config = GPT2Config(**kwargs)
-    tmp = folder.with_name(folder.name + ".tmp")
     model = GPT2LMHeadModel(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _card(tmp, "text-generation")
-    tmp.rename(folder)
-    return folder
+    return save_folder(folder, "text-generation", model, tokenizer)
 
 
 def rt_sentences(split: str = "test", n: int | None = None) -> list[str]:

@@ -36,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     REPO,
     WORK,
     build_gpt2,
+    free_port,
     hardware,
     median,
     percentile,
@@ -119,14 +120,6 @@ _model_cache: dict = {}
 
 
 # -- servers ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Server:
     """Our server on one model folder (served as `model`), or on a whole models folder

@@ -5,10 +5,11 @@ Randomly initialised models of the real configs (weights do not change what a st
 pass costs): bert-base (`BertConfig()`, MiniLM's tokenizer), MobileNetV2 (the packaged model's
 config and image processor) and a SmolLM2-135M-size Llama (its config and tokenizer).
 
-1. Training, bf16 autocast (`ACCELERATE_MIXED_PRECISION=bf16`, what `accelerate launch
-   --mixed_precision bf16` sets), bert-base on Rotten Tomatoes, batch 32, max length 128, the same
-   steps, learning rate and seed: ours (`training/finetune.py`) against `run_glue_no_trainer.py`'s
-   default loop (`benchmarks/train_baseline.py`), alternating, --repeats each; examples/s of the
+1. Training, bert-base on Rotten Tomatoes, batch 32, max length 128, with benchmarks/training.py's
+   arms (the same flags, steps, learning rate and seeds): ours (`training/finetune.py` at its defaults:
+   `--mixed_precision auto` is bf16 autocast on a GPU with bf16) against `run_glue_no_trainer.py`'s
+   default loop (`benchmarks/train_baseline.py`) under bf16 (`ACCELERATE_MIXED_PRECISION=bf16`, what
+   `accelerate launch --mixed_precision bf16` sets), alternating, --repeats each; examples/s of the
    training loop, evaluation accuracy on the 2,121 held-out sentences.
 2. Serving, ours (`HF_SERVE_DTYPE=auto`: float16 on CUDA) against the docs' tutorial server
    (`benchmarks/tutorial_server.py` with the pipeline on `cuda:0` in float16, what a user adds there),
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -110,7 +110,8 @@ def ensure_bundled_packages() -> None:
                          "run `make gpu-check-bundle` and carry .gpu-check")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(SITE), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -127,7 +128,7 @@ def build_models(work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
         AutoTokenizer,
     )
 
-    from benchmarks.common import ASSETS, MOBILENET, _card, build_text_model
+    from benchmarks.common import ASSETS, MOBILENET, build_text_model, save_folder
 
     work.mkdir(parents=True, exist_ok=True)
     models = {"bert-base": ("text-classification", build_text_model(work / "bert-base", "tiny" if quick else "bert-base"))}
@@ -140,9 +141,8 @@ def build_models(work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
         if quick:  # a quarter of the channels, 64-pixel inputs
             config.depth_multiplier = 0.25
             processor.size, processor.crop_size = {"shortest_edge": 72}, {"height": 64, "width": 64}
-        AutoModelForImageClassification.from_config(config).eval().save_pretrained(mobilenet)
-        processor.save_pretrained(mobilenet)
-        _card(mobilenet, "image-classification")
+        save_folder(mobilenet, "image-classification", AutoModelForImageClassification.from_config(config).eval(),
+                    processor)
     models["mobilenet-v2"] = ("image-classification", mobilenet)
 
     smollm2_source = ASSETS / "models" / "smollm2-135m-instruct"
@@ -153,45 +153,35 @@ def build_models(work: Path, quick: bool) -> dict[str, tuple[str, Path]]:
         if quick:
             config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
-        AutoModelForCausalLM.from_config(config).eval().save_pretrained(llama)
-        AutoTokenizer.from_pretrained(smollm2_source).save_pretrained(llama)
-        _card(llama, "text-generation")
+        save_folder(llama, "text-generation", AutoModelForCausalLM.from_config(config).eval(),
+                    AutoTokenizer.from_pretrained(smollm2_source))
     models["smollm2-size-llama"] = ("text-generation", llama)
     return models
 
 
 # -- training ---------------------------------------------------------------------------------------
 
-def train_arms(model: Path, args, work: Path, env: dict) -> dict:
-    from benchmarks.common import RT_DIR, python
-    from benchmarks.training import argv_of, run_measured
+def train_arms(model: Path, args, on_gpu: bool) -> dict:
+    """benchmarks/training.py's two main arms on `model`, alternating, repeat k with seed k: ours at its
+    defaults (`--mixed_precision auto`: bf16 on a GPU with bf16) and the baseline under bf16 on a GPU
+    (what `accelerate launch --mixed_precision bf16` sets), at its default (float32) on a CPU."""
+    from benchmarks.common import RT_DIR
+    from benchmarks.training import baseline, ours
 
-    flags = {"model_name_or_path": model, "train_file": RT_DIR / "train.csv", "validation_file": RT_DIR / "test.csv",
-             "max_length": 128, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 128,
-             "learning_rate": 5e-5, "weight_decay": 0.01, "num_warmup_steps": 0 if args.quick else args.steps // 10,
-             "max_train_steps": args.steps}
-    runs: dict = {"ours": [], "baseline": []}
+    files = (RT_DIR / "train.csv", RT_DIR / "test.csv")
+    precision = "bf16" if on_gpu else "no"
+    runs: dict = {"ours": [], "baseline": [], "baseline_mixed_precision": precision}
     for rep in range(args.repeats):
-        seed = rep + 1
-        out = work / f"ours-{rep}"
-        cmd = [python(), "training/finetune.py", *argv_of({
-            **flags, "seed": seed, "task": "text-classification", "text_column": "text", "label_column": "label",
-            "output_dir": out, "overwrite_output_dir": "true", "checkpointing_steps": "none"})]
-        run_measured(cmd, work / f"ours-{rep}.log", env)
-        r = json.loads((out / "all_results.json").read_text())
-        runs["ours"].append({"examples_per_s": r["train_samples_per_second"], "eval_accuracy": r["eval_accuracy"]})
-        log = work / f"baseline-{rep}.log"
-        run_measured([python(), "benchmarks/train_baseline.py", *argv_of({**flags, "seed": seed})], log, env)
-        b = json.loads([x for x in log.read_text().splitlines() if x.startswith("{")][-1])
-        runs["baseline"].append({"examples_per_s": b["train_samples_per_second"], "eval_accuracy": b["eval_accuracy"]})
-        print(f"  training rep {rep + 1}: ours {runs['ours'][-1]['examples_per_s']:.0f} ex/s, "
-              f"baseline {runs['baseline'][-1]['examples_per_s']:.0f} ex/s", flush=True)
+        runs["ours"].append(ours(args, files, rep, seed=rep + 1, model=model))
+        runs["baseline"].append(baseline(args, files, rep, seed=rep + 1, model=model, mixed_precision=precision))
+        print(f"  training rep {rep + 1}: ours {runs['ours'][-1]['train_samples_per_second']:.0f} ex/s, "
+              f"baseline {runs['baseline'][-1]['train_samples_per_second']:.0f} ex/s", flush=True)
     return runs
 
 
 # -- serving ----------------------------------------------------------------------------------------
 
-def serve_arms(models: dict, args, env: dict) -> dict:
+def serve_arms(models: dict, args) -> dict:
     from benchmarks.serving import GEN_NEW_TOKENS, Server, closed_loop, inputs_for
 
     out: dict = {}
@@ -199,8 +189,8 @@ def serve_arms(models: dict, args, env: dict) -> dict:
         generation = task == "text-generation"
         levels = ([1, 2] if generation else [1, 4]) if args.quick else ([1, 8] if generation else [1, 32])
         n_requests = (4 if args.quick else 48) if generation else (16 if args.quick else 400)
-        extra = {"tutorial": {**env, "TUTORIAL_DEVICE": args.tutorial_device or "", "TUTORIAL_DTYPE": args.tutorial_dtype or ""},
-                 "ours": {**env, "HF_SERVE_DEVICE": args.device}}
+        extra = {"tutorial": {"TUTORIAL_DEVICE": args.tutorial_device or "", "TUTORIAL_DTYPE": args.tutorial_dtype or ""},
+                 "ours": {"HF_SERVE_DEVICE": args.device}}
         servers = {kind: Server(kind, name, task, folder, extra[kind]) for kind in ("tutorial", "ours")}
         inputs = inputs_for(task, max(n_requests, 8))
         out[name] = {"task": task, "levels": {}}
@@ -231,9 +221,10 @@ def report(results: dict) -> str:
 
     rows = []
     tr = results["training"]
-    ours = median([r["examples_per_s"] for r in tr["ours"]])
-    base = median([r["examples_per_s"] for r in tr["baseline"]])
-    rows.append(["training bert-base, bf16 (examples/s)", ours, base, f"{ours / base:.2f}x",
+    ours = median([r["train_samples_per_second"] for r in tr["ours"]])
+    base = median([r["train_samples_per_second"] for r in tr["baseline"]])
+    precisions = f"{tr['ours'][0]['mixed_precision']} / {tr['baseline_mixed_precision']}"
+    rows.append([f"training bert-base (examples/s; mixed precision {precisions})", ours, base, f"{ours / base:.2f}x",
                  f"accuracy {100 * median([r['eval_accuracy'] for r in tr['ours']]):.1f} / "
                  f"{100 * median([r['eval_accuracy'] for r in tr['baseline']]):.1f} %"])
     for name, m in results["serving"].items():
@@ -254,6 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny configs, 2 training steps, a few requests")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each run")
     parser.add_argument("--repeats", type=int, default=2, help="training runs of each arm, alternating")
+    parser.add_argument("--max-length", type=int, default=128, help="truncation of the training texts")
     args = parser.parse_args(argv)
     if args.bundle:
         make_bundle(args.bundle)
@@ -273,20 +265,18 @@ def main(argv=None) -> int:
     on_gpu = args.device.startswith("cuda")
     # the tutorial's pipeline as a user puts it on a GPU; on a CPU it stays the tutorial's own
     args.tutorial_device, args.tutorial_dtype = ("cuda:0", "float16") if on_gpu else (None, None)
-    env = {"ACCELERATE_MIXED_PRECISION": "bf16" if on_gpu else "no"}
     if not on_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every training run and server started here stays on the CPU
     hw = hardware()
     print_hardware(hw)
     work = WORK / "gpu-check"
     started = time.perf_counter()
     models = build_models(work / "models", args.quick)
-    results: dict = {"hardware": hw, "quick": args.quick, "device": args.device, "steps": args.steps,
-                     "mixed_precision": env["ACCELERATE_MIXED_PRECISION"]}
+    results: dict = {"hardware": hw, "quick": args.quick, "device": args.device, "steps": args.steps}
     print("\ntraining: ours vs run_glue_no_trainer's default loop", flush=True)
-    results["training"] = train_arms(models["bert-base"][1], args, work / "training", env)
+    results["training"] = train_arms(models["bert-base"][1], args, on_gpu)
     print("\nserving: ours vs the tutorial server", flush=True)
-    results["serving"] = serve_arms(models, args, env)
+    results["serving"] = serve_arms(models, args)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     path = write_results("gpu-check", results, args.quick)
     print()

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     build_resnet50,
     build_text_model,
     fashion_png,
+    free_port,
     hardware,
     median,
     mpnet_classifier,
@@ -205,12 +205,6 @@ def _measure_forward(model, batches: list[dict], singles: list[dict]) -> dict:
 
 
 # -- servers ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Server:
     """A uvicorn subprocess (ours or naive) pinned to every core, on a free loopback port."""

@@ -79,9 +79,10 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> float:
     return peak
 
 
-def common_flags(args, train_file: Path, eval_file: Path, batch: int, steps: int | None = None, seed: int = 42) -> dict:
+def common_flags(args, train_file: Path, eval_file: Path, batch: int, steps: int | None = None, seed: int = 42,
+                 model: Path = MINILM) -> dict:
     steps = steps or args.steps
-    return {"model_name_or_path": MINILM, "train_file": train_file, "validation_file": eval_file,
+    return {"model_name_or_path": model, "train_file": train_file, "validation_file": eval_file,
             "max_length": args.max_length, "per_device_train_batch_size": batch, "per_device_eval_batch_size": 64,
             "learning_rate": 1e-4, "weight_decay": 0.01, "num_warmup_steps": 0 if args.quick else max(steps // 10, 1),
             "max_train_steps": steps, "seed": seed}
@@ -95,11 +96,12 @@ def argv_of(flags: dict) -> list[str]:
 
 
 def baseline(args, files, rep, pad_to_max: bool = False, steps: int | None = None, seed: int = 42,
-             mixed_precision: str = "no") -> dict:
+             mixed_precision: str = "no", model: Path = MINILM) -> dict:
     """One run of benchmarks/train_baseline.py (run_glue_no_trainer.py's loop), default or --pad_to_max_length;
     `mixed_precision` as `accelerate launch --mixed_precision` would set it (the script's default: no)."""
-    log = WORK / "training" / f"baseline{'-pad' if pad_to_max else ''}{'-' + mixed_precision if mixed_precision != 'no' else ''}-{rep}.log"
-    cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32, steps, seed))]
+    log = WORK / "training" / (f"baseline-{model.name}{'-pad' if pad_to_max else ''}"
+                               f"{'-' + mixed_precision if mixed_precision != 'no' else ''}-{rep}.log")
+    cmd = [python(), "benchmarks/train_baseline.py", *argv_of(common_flags(args, *files, 32, steps, seed, model))]
     if pad_to_max:
         cmd.append("--pad_to_max_length")
     peak = run_measured(cmd, log, {"ACCELERATE_MIXED_PRECISION": mixed_precision})
@@ -125,10 +127,10 @@ COMPILE_ENV = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_D
 
 
 def ours(args, files, rep, processes: int = 1, compiled: bool = False, steps: int | None = None, seed: int = 42,
-         mixed_precision: str = "auto") -> dict:
+         mixed_precision: str = "auto", model: Path = MINILM) -> dict:
     """One run of training/finetune.py at its defaults (`--mixed_precision auto`), or the precision given."""
-    out = WORK / "training" / f"ours-{processes}p{'-compiled' if compiled else ''}-{mixed_precision}-{rep}"
-    flags = {**common_flags(args, *files, 32 // processes, steps, seed), "task": "text-classification",
+    out = WORK / "training" / f"ours-{model.name}-{processes}p{'-compiled' if compiled else ''}-{mixed_precision}-{rep}"
+    flags = {**common_flags(args, *files, 32 // processes, steps, seed, model), "task": "text-classification",
              "text_column": "text", "label_column": "label", "output_dir": out, "overwrite_output_dir": "true",
              "checkpointing_steps": "none", "mixed_precision": mixed_precision}
     if processes == 1:

@@ -16,8 +16,6 @@ from collections.abc import Mapping
 
 import torch
 
-CHOICES = ("auto", "no", "bf16", "fp16")
-
 
 def cpu_has_fast_bf16() -> bool:
     """AMX tiles or AVX-512 BF16 instructions: oneDNN's bf16 kernels (torch's own probes)."""
