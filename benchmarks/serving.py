@@ -285,12 +285,10 @@ class Server:
 # -- load ---------------------------------------------------------------------------------------
 
 def request_kwargs(server: Server, task: str, item, stream: bool = False) -> dict:
-    if server.kind == "tutorial":  # the tutorial reads the raw body: text as UTF-8, or image bytes
-        if task == "image-classification":
-            return {"content": item, "headers": {"content-type": "image/png"}}
-        return {"content": item.encode("utf-8"), "headers": {"content-type": "text/plain; charset=utf-8"}}
-    if task == "image-classification":
+    if task == "image-classification":  # the raw image bytes, for every server
         return {"content": item, "headers": {"content-type": "image/png"}}
+    if server.kind == "tutorial":  # the tutorial reads the raw body as UTF-8 text
+        return {"content": item.encode("utf-8"), "headers": {"content-type": "text/plain; charset=utf-8"}}
     if task == "text-generation":
         params = {"max_new_tokens": GEN_NEW_TOKENS, "details": True}
         return {"json": {"inputs": item, "parameters": params, "stream": stream}}

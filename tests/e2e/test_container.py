@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from tests.scores import assert_scores_close
-from tests.service.service_helpers import build_tiny_bert, free_port
+from tests.service.service_helpers import build_tiny_bert, free_port, wait_until
 
 pytestmark = pytest.mark.container
 IMAGE = os.environ.get("HF_IMAGE", "hf-finetune-serve:cpu")
@@ -56,17 +56,6 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 def inspect(name: str, template: str) -> str:
     return podman("inspect", "--format", template, name).stdout.strip()
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(every)
 
 
 def answers(url: str) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.service_helpers import ServerProcess, build_tiny_bert, free_port
+from tests.service.service_helpers import ServerProcess, build_tiny_bert, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,14 +110,6 @@ def answers(url: str, path: str = "/ready") -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def proxy_and_replicas(tmp_path):
     if NGINX is None:
@@ -134,7 +126,7 @@ def proxy_and_replicas(tmp_path):
             stack.callback(replica.__exit__, None, None, None)
             replicas.append(replica)
         for replica in replicas:  # not ServerProcess's own 60 s wait: a busy 2-core machine needs longer
-            wait_until(lambda r=replica: answers(r.url) or r.proc.poll() is not None, 180, "replica did not start")
+            wait_until(lambda r=replica: answers(r.url) or r.proc.poll() is not None, 180, "replica did not start", every=0.05)
             assert replica.proc.poll() is None, "a replica exited while starting"
         port = free_port()
         conf = prefix / "nginx.conf"
@@ -146,7 +138,7 @@ def proxy_and_replicas(tmp_path):
         stack.callback(nginx.wait, 15)
         stack.callback(nginx.terminate)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: answers(url, "/health"), 15, "nginx did not answer /health")
+        wait_until(lambda: answers(url, "/health"), 15, "nginx did not answer /health", every=0.05)
         yield url, *replicas
 
 
@@ -169,7 +161,7 @@ def test_requests_keep_being_answered_when_a_replica_dies(proxy_and_replicas):
     url, first, second = proxy_and_replicas
     with Load(url) as load:
         # Both replicas take traffic (round robin) before one dies.
-        wait_until(lambda: served_ok(first.url) >= 20 and served_ok(second.url) >= 20, 60, "replicas not both serving")
+        wait_until(lambda: served_ok(first.url) >= 20 and served_ok(second.url) >= 20, 60, "replicas not both serving", every=0.05)
         second_before = served_ok(second.url)
         first.proc.kill()  # SIGKILL: no drain, connections reset, the port refuses from now on
         killed_at = time.monotonic()
@@ -177,7 +169,7 @@ def test_requests_keep_being_answered_when_a_replica_dies(proxy_and_replicas):
         # Keep the load going past the template's fail_timeout (10 s), after which nginx tries the
         # dead replica again: those retries must not fail either.
         wait_until(lambda: sum(1 for t, o in load.outcomes if t > killed_at + FAIL_TIMEOUT_S + 2 and o == "ok") >= 20,
-                   120, "no steady stream of answers after the kill")
+                   120, "no steady stream of answers after the kill", every=0.05)
     before = [o for t, o in load.outcomes if t <= killed_at]
     after = [o for t, o in load.outcomes if t > killed_at]
     failed = [o for o in after if o != "ok"]

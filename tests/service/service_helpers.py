@@ -148,6 +148,19 @@ def png_bytes(array=None, fmt: str = "PNG") -> bytes:
 
 
 
+def wait_until(predicate, timeout: float, what: str, every: float = 0.25):
+    """Poll `predicate` every `every` seconds until it returns something true (returned); TimeoutError(`what`)
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

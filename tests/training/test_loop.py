@@ -11,7 +11,6 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,10 @@ import pytest
 import torch
 
 from tests.training.subprocess_runs import (
+    CPU_DISTRIBUTED,
     NUMPY_RNG,
     assert_same_final_state,
+    distributed_launcher,
     error_line,
     final_checkpoint,
     finetune,
@@ -248,10 +249,6 @@ def test_two_cpu_processes_ddp(two_process_run):
     assert not (out / "checkpoints").exists()
 
 
-DDP_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-
-
 def test_two_process_ddp_run_killed_then_resumed_matches_uninterrupted_run(tiny_gpt2, rt_small, tmp_path_factory):
     """`accelerate launch` with 2 CPU processes (gloo DDP), both SIGKILLed right after step 7: resumed
     from step_4 it ends with the uninterrupted 2-process run's weights, AdamW moments, schedule, the
@@ -259,17 +256,17 @@ def test_two_process_ddp_run_killed_then_resumed_matches_uninterrupted_run(tiny_
     train, test = rt_small
     # lm_args' 20 steps of 4x2 blocks per process become 10 with two processes: 2 epochs of 6 steps here
     args = [*lm_args(tiny_gpt2, train, test), "--per_device_train_batch_size", "2", "--max_train_samples", "40"]
-    env = {"ACCELERATE_USE_CPU": "true"}
+    env, launcher = CPU_DISTRIBUTED, distributed_launcher()
     reference, cwd = tmp_path_factory.mktemp("ddp-reference"), tmp_path_factory.mktemp("ddp-resumed")
-    ref = finetune(args, reference, env, DDP_LAUNCHER)
+    ref = finetune(args, reference, env, launcher)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "2 process(es)" in ref.stderr
-    killed = finetune(args, cwd, {**env, "KILL_AT_STEP": "7"}, DDP_LAUNCHER, faults=True)
+    killed = finetune(args, cwd, {**env, "KILL_AT_STEP": "7"}, launcher, faults=True)
     assert killed.returncode != 0, killed.stderr[-3000:]
     checkpoints = cwd / "runs" / "run" / "checkpoints"
     assert "step_4" in {p.name for p in checkpoints.iterdir()} and not (checkpoints / "step_8").exists()
     assert not (cwd / "models" / "run").exists()
-    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], cwd, env, DDP_LAUNCHER)
+    resumed = finetune([*args, "--resume_from_checkpoint", "latest"], cwd, env, launcher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from runs/run/checkpoints/step_4 " in resumed.stderr
 

@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.service.service_helpers import free_port
 from tests.training.subprocess_runs import CPU_DISTRIBUTED, distributed_args, distributed_launcher, start
 
 EVAL_EXAMPLES = 41  # distributed_args: odd, so the last batch is padded on one rank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -39,7 +33,7 @@ def _stop(process: subprocess.Popen) -> None:
 def test_two_nodes_over_loopback_train_like_two_processes_on_one_node(two_process_run, tiny_bert, rt_small,
                                                                       tmp_path):
     train, test = rt_small
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [start(distributed_args(tiny_bert, train, test, "ddp"), tmp_path, log, CPU_DISTRIBUTED,
                    launcher=distributed_launcher(num_machines=2, machine_rank=rank, port=port), new_session=True)
