@@ -94,7 +94,7 @@ bench: bench-serving bench-generation bench-adapters bench-training bench-qualit
 # MiniLM, MPNet, MobileNetV2, ResNet-50 (+ bert-base, GPT-2): ours (torch, and ONNX int8) vs the docs' tutorial
 # server and a naive one, 1/8/32/64 clients, 3 interleaved repetitions.
 bench-serving: install assets demo-train assets-mpnet
-	$(PY) benchmarks/serving.py --servers tutorial,naive,ours,ours-onnx
+	$(PY) benchmarks/serving.py
 
 bench-generation: install assets
 	$(PY) benchmarks/generation.py
@@ -133,8 +133,8 @@ fuzz: install assets
 	$(PY) benchmarks/fuzz.py --minutes $(FUZZ_MINUTES)
 
 # The ONNX Runtime backend against torch (accuracy on the full RT and Fashion-MNIST test sets, speed);
-# needs the demo models (make demo-train); onnx and onnxruntime come with the dev extra. About 20 min
-# on 2 shared cores.
+# needs the demo models (make demo-train) and, for its MPNet rows, a fine-tuned MPNet; onnx and
+# onnxruntime come with the dev extra. About 8 min on 2 idle cores.
 bench-onnx: install assets demo-train
 	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
 

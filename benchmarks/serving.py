@@ -707,7 +707,7 @@ def main(argv=None) -> int:
                         help="OMP_NUM_THREADS for every server and torch threads of the raw forward (default: torch's). "
                              "On a CPU shared with other jobs use 1: a 2-thread OpenMP team stalls at every barrier "
                              "whose other core is busy (a MiniLM forward took 2 s instead of 10 ms at load average 10)")
-    parser.add_argument("--servers", default="tutorial,naive,ours",
+    parser.add_argument("--servers", default="tutorial,naive,ours,ours-onnx",
                         help="classification servers, in the order each level runs them (ours must be among them; "
                              "naive too: the older ratios use it; ours-onnx: ours with HF_SERVE_BACKEND=onnx, "
                              "HF_SERVE_QUANTIZE=int8)")
