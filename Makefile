@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install assets browser nginx test lint demo demo-train bench bench-serving bench-generation bench-adapters bench-training bench-quality bench-soak bench-onnx gpu-check gpu-check-bundle fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
+.PHONY: install assets browser nginx test lint demo demo-train bench bench-serving bench-generation bench-adapters bench-training bench-quality bench-soak bench-onnx bench-allocator gpu-check gpu-check-bundle fuzz clean assets-mpnet demo-generate demo-sentiment-decoder mpnet-sentiment image-cpu test-container
 
 install: $(VENV)/.installed
 
@@ -87,9 +87,9 @@ models/mpnet-sentiment/all_results.json: training/recipes/mpnet-sentiment.yaml
 	$(ACCELERATE_LAUNCH) training/finetune.py --recipe $< --resume_from_checkpoint latest
 
 # Speed and quality against in-run baselines; tables on stdout, JSON + PNG in benchmarks/results/
-# (docs/performance.md). `make bench` runs every part (about 2.5 h on 2 CPU cores); each part on its
+# (docs/performance.md). `make bench` runs every part (about 4 h on 2 CPU cores); each part on its
 # own fits one sitting (times on 2 idle cores in the README, Performance).
-bench: bench-serving bench-generation bench-adapters bench-training bench-quality bench-onnx bench-soak
+bench: bench-serving bench-generation bench-adapters bench-training bench-quality bench-onnx bench-soak bench-allocator
 
 # MiniLM, MPNet, MobileNetV2, ResNet-50 (+ bert-base, GPT-2): ours (torch, and ONNX int8) vs the docs' tutorial
 # server and a naive one, 1/8/32/64 clients, 3 interleaved repetitions.
@@ -135,6 +135,10 @@ fuzz: install assets
 # The ONNX Runtime backend against torch (accuracy on the full RT and Fashion-MNIST test sets, speed);
 # needs the demo models (make demo-train) and, for its MPNet rows, a fine-tuned MPNet; onnx and
 # onnxruntime come with the dev extra. About 8 min on 2 idle cores.
+# glibc malloc settings against its defaults, on the served runners (docs/performance.md, Serving, the allocator).
+bench-allocator: install assets demo-train assets-mpnet
+	$(PY) benchmarks/allocator.py
+
 bench-onnx: install assets demo-train
 	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
 

@@ -123,9 +123,10 @@ class ImageClassificationRunner(ClassifierRunner):
         return [self.fast(image) if self.fast is not None else image], 1
 
     # On a CPU, convolutional networks run *slower per image* in large batches than in small ones
-    # (docs/performance.md, Serving, items 5-6): glibc's allocator hands a large batch's activations
-    # out as fresh mmaps, page-faulted in on every pass. So on a CPU a micro-batch runs through the
-    # model this many images at a time; on a GPU in one go.
+    # (docs/performance.md, Serving, items 5-6 and "The allocator"): a large batch's activations leave
+    # the caches, and those above glibc's 32 MiB mmap cap are fresh mmaps page-faulted in on every
+    # pass. So on a CPU a micro-batch runs through the model this many images at a time (the best
+    # shape with glibc's defaults or tuned thresholds alike: benchmarks/allocator.py); on a GPU in one go.
     CPU_IMAGES_PER_FORWARD = 4
 
     def pixel_values(self, images: list) -> torch.Tensor:
