@@ -135,12 +135,12 @@ fuzz: install assets
 # The ONNX Runtime backend against torch (accuracy on the full RT and Fashion-MNIST test sets, speed);
 # needs the demo models (make demo-train) and, for its MPNet rows, a fine-tuned MPNet; onnx and
 # onnxruntime come with the dev extra. About 8 min on 2 idle cores.
+bench-onnx: install assets demo-train
+	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
+
 # glibc malloc settings against its defaults, on the served runners (docs/performance.md, Serving, the allocator).
 bench-allocator: install assets demo-train assets-mpnet
 	$(PY) benchmarks/allocator.py
-
-bench-onnx: install assets demo-train
-	nice -n 5 $(PY) benchmarks/onnx_backend.py $(BENCH_ONNX_FLAGS)
 
 # The CPU variant of the Dockerfile, built with podman from Debian's packages (no Docker engine or
 # image registry needed; see docker/build-cpu-image.sh). About 10 min from nothing, seconds when cached.

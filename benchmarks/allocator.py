@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     mpnet_classifier,
     print_hardware,
     python,
+    rss_mb,
     rt_sentences,
     table,
     write_results,
@@ -64,18 +66,10 @@ MODELS = {
 KNOBS = {"image": [1, 2, 4, 8, 16, 32], "text": [1.0, 1.25, 1.5, 2.0, 1000.0]}
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(mode: str, model: str, repeats: int) -> dict:
     """One process: load, warm up, time every knob value; returns per-value medians (inputs/s)."""
     import ctypes
     import io
-    import resource
 
     from PIL import Image
 
@@ -83,6 +77,7 @@ def child(mode: str, model: str, repeats: int) -> dict:
     from service.folders import inspect_folder
     from service.loading import load_runner
     from service.settings import Settings
+    from service.tasks.classifier import ClassificationParameters
 
     memory.limit_arenas()
     libc = ctypes.CDLL("libc.so.6")
@@ -90,8 +85,6 @@ def child(mode: str, model: str, repeats: int) -> dict:
     kind, folder = MODELS[model][0], MODELS[model][1]()
     settings = Settings(models_dir=folder.parent)
     runner = torch_thread.run(load_runner, folder, inspect_folder(folder), settings)
-    from service.tasks.classifier import ClassificationParameters
-
     params = [ClassificationParameters()] * BATCH
     if kind == "image":
         payloads = [(Image.open(io.BytesIO(png)), p) for png, p in zip(fashion_png(BATCH), params, strict=True)]
@@ -117,14 +110,13 @@ def child(mode: str, model: str, repeats: int) -> dict:
     for _ in range(repeats):
         for value in KNOBS[kind]:
             samples[value].append(one_pass(value))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    before_trim = _rss_mb()
+    before_trim, peak = rss_mb(os.getpid())
     trim = memory._malloc_trim()
     if trim is not None:
         trim(0)
     return {"mode": mode, "model": model, "mallopt_took": took,
             "inputs_per_s": {str(v): median(s) for v, s in samples.items()},
-            "rss_mb": round(before_trim, 1), "rss_after_trim_mb": round(_rss_mb(), 1), "peak_rss_mb": round(peak, 1)}
+            "rss_mb": round(before_trim, 1), "rss_after_trim_mb": round(rss_mb(os.getpid())[0], 1), "peak_rss_mb": round(peak, 1)}
 
 
 def main(argv=None) -> int:
