@@ -69,7 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"], expose_headers=["x-queue-time", "x-inference-time", "x-total-time"],
         )
     install_error_handlers(app)
-    for module in (ops, models, inference, openai):
+    # Inference first: POST /models/{name} is what nearly every request is, and the router tries
+    # routes in order (no other route takes POST on that path).
+    app.router.routes.append(inference.route)
+    for module in (ops, models, openai):
         app.include_router(module.router)
     install_openapi(app, settings, registry, openai.SCHEMAS, openai.schema_limits(settings))
     return app

@@ -1,7 +1,8 @@
 """Give freed heap memory back to the operating system.
 
 glibc keeps memory that Python and torch free (per-thread arenas, fragmented heaps) for reuse; a
-server with a worker thread per model and bursts of differently sized batches then sees its RSS
+server with several threads (the event loop, the torch thread, generation schedulers) and bursts
+of differently sized batches then sees its RSS
 climb in steps and never come down, although nothing leaks (benchmarks/README_soak.md has the
 measurements). `malloc_trim(0)` releases the free pages of every arena; calling it every few
 seconds costs microseconds to milliseconds and nothing on the request path.
@@ -35,8 +36,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def limit_arenas(count: int = 2) -> None:
-    """Cap glibc's malloc arenas (default 8 per core): every model worker, the event loop and the
-    thread pool would otherwise each fragment a heap of their own. Call before threads start."""
+    """Cap glibc's malloc arenas (default 8 per core): the torch thread, the event loop, generation
+    schedulers and the thread pool would otherwise each fragment a heap of their own. Call before threads start."""
     name = ctypes.util.find_library("c")
     if not name:
         return

@@ -163,6 +163,19 @@ def _responses_json(responses: dict) -> dict:
     return out
 
 
+def inference_operation() -> dict:
+    """POST /models/{name} as FastAPI would document it (its route is a plain Starlette one:
+    service/routes/inference.py), bodies and responses of every task."""
+    return {
+        "tags": ["inference"],
+        "summary": "Run a model (Inference API shapes: body and response depend on the model's task)",
+        "operationId": "infer_models__name__post",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "title": "Name"}}],
+        "responses": _responses_json(INFERENCE_RESPONSES),
+        **copy.deepcopy(INFERENCE_REQUEST),
+    }
+
+
 def install_openapi(app: FastAPI, settings: Settings, registry: Registry, extra_models: tuple[type[BaseModel], ...] = (),
                     extra_limits: dict[str, dict[str, dict]] | None = None) -> None:
     """Generate the document with the request and response schemas of every task and the server's
@@ -173,6 +186,7 @@ def install_openapi(app: FastAPI, settings: Settings, registry: Registry, extra_
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            spec["paths"].setdefault("/models/{name}", {})["post"] = inference_operation()
             models = [(m, "validation") for t in TASKS.values() for m in t.json_requests]
             models += [(m, "validation") for m in extra_models]
             models += [(m, "serialization") for m in dict.fromkeys(m for t in TASKS.values() for m in t.response_models)]

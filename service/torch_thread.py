@@ -5,7 +5,9 @@ that has entered a parallel region, for as long as that thread lives. Two such t
 (the loader and a model's worker, or the workers of two models) put more OpenMP threads in the
 process than there are cores, and libgomp then throttles its spin-waiting: every forward pass gets
 about twice as slow, whichever thread runs it (measured: docs/performance.md, Serving, item 7). So
-the model workers keep their queues and batching, and hand the torch part to this single thread. On
+this one thread runs everything that touches torch: loading, the encoder models' batchers
+(service/batching.py: batches form, are tokenised and run here) and the steps of the generation
+schedulers (service/scheduler.py, whose scheduling stays on a thread of its own). On
 a CPU nothing is lost: two forward passes at once would share the same cores anyway.
 `torch.set_num_threads` is per thread under OpenMP, so it is applied here too.
 
@@ -138,6 +140,11 @@ def on_hang(callback: Callable[[str | None, float], None] | None) -> None:
 
 def on_torch_thread() -> bool:
     return threading.get_ident() == _ident
+
+
+def has_waiting() -> bool:
+    """Whether tasks are queued for the torch thread (behind the one it runs)."""
+    return not _queue.empty()
 
 
 def submit(fn: Callable[..., Any], *args: Any, owner: str | None = None, limit: float | None = None,

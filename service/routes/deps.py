@@ -3,8 +3,7 @@ metrics; the API key check; and, for inference, one request's record, admission 
 
 An inference request holds `serving(name)` until its response has been sent (streams included):
 its record (metrics, the log line), its admission slot (404 for an unknown model, 429 over
-max_concurrent_requests) and its model's lease (503 while loading or failed). `LeasedModel` is that
-for the model named in the path.
+max_concurrent_requests) and its model's lease (503 while loading or failed).
 """
 
 from __future__ import annotations
@@ -119,10 +118,3 @@ async def serving(name: str, request: Request) -> AsyncIterator[Entry]:
         log.info("%s %s model=%s task=%s status=%s %.1fms", request.method, request.url.path, name, record.task,
                  record.status, elapsed * 1000)
 
-
-async def _lease(name: str, request: Request) -> AsyncIterator[Entry]:
-    async with serving(name, request) as entry:
-        yield entry
-
-
-LeasedModel = Annotated[Entry, Depends(_lease)]

@@ -6,9 +6,9 @@ its smoke input, response formatting and its part of the OpenAPI document. The r
 and the batcher know tasks only through `ServedTask` and the `TASKS` table (service/tasks/__init__.py).
 
 A runner is what a task's `load` returns; the task's `worker` batches its requests. The default,
-micro-batching (service/batching.py), calls on the model's worker thread `prepare(payload) ->
-(prepared, cost)` per request and, on the torch thread, `run_batch(prepared_list, params_list) ->
-results` once per micro-batch. Text generation has continuous batching instead
+micro-batching (service/batching.py), calls on the torch thread `prepare(payload) ->
+(prepared, cost)` per request and `run_batch(prepared_list, params_list) -> results` once per
+micro-batch. Text generation has continuous batching instead
 (service/scheduler.py; its runner makes one `Sequence` per request).
 `smoke()` runs the task's smoke input once after loading and returns the raw outputs, which must be
 finite; `labels` lists the label names, or None.

@@ -12,7 +12,8 @@ from tests.service.service_helpers import Settings
 
 def test_all_torch_work_runs_on_one_thread(pristine_models):
     """Loading and the forward passes of every model run on the single torch thread (two OpenMP
-    teams alive at once halve CPU speed), while each model keeps its own batching thread."""
+    teams alive at once halve CPU speed). An encoder model's batcher runs there too, tokenising
+    included (no hand-off per request); generation keeps its scheduler thread."""
     import threading
 
     from service import torch_thread
@@ -33,6 +34,7 @@ def test_all_torch_work_runs_on_one_thread(pristine_models):
                TASKS["text-generation"].worker("t", writer, Settings(_env_file=None), Metrics())]
     for name, worker in zip(("topics", "writer"), workers, strict=True):
         worker.runner.model.forward = recorder(name, worker.runner.model.forward)
+    workers[0].runner.prepare = recorder("topics-prepare", workers[0].runner.prepare)
 
     async def scenario():
         from service.tasks.text_generation import GenerationParameters, Prompt
@@ -43,9 +45,9 @@ def test_all_torch_work_runs_on_one_thread(pristine_models):
 
     results = asyncio.run(scenario())
     assert len(results) == 4 and results[0][0][0]["label"] in {"sports", "politics", "science"}
-    names = seen["topics"] | seen["writer"]
+    names = seen["topics"] | seen["writer"] | seen["topics-prepare"]
     assert len(names) == 1 and next(iter(names)).startswith("torch")
-    assert {w._thread.name for w in workers} == {"model-t", "generate-t"}  # batching stays on the workers' threads
+    assert workers[1]._thread.name == "generate-t"  # generation's scheduling stays on its own thread
     assert torch_thread.run(torch_thread.on_torch_thread) is True and not torch_thread.on_torch_thread()
     for worker in workers:
         worker.close()
