@@ -121,8 +121,10 @@ class ModelWorker:
             if self._scheduled or self._stopped.is_set():
                 return
             self._scheduled = True
-        task = torch_thread.submit(self._batch_task, owner=self.name, limit=self.timeout_s)
-        task.add_done_callback(self._task_done)
+        self._submit_task()
+
+    def _submit_task(self) -> None:
+        torch_thread.submit(self._batch_task, owner=self.name, limit=self.timeout_s).add_done_callback(self._task_done)
 
     def _task_done(self, task) -> None:
         """After a batch task. If it failed (a bug here) or hung (then on the watchdog's thread), its
@@ -153,7 +155,7 @@ class ModelWorker:
             self._scheduled = more
             stop = not more and self._closed and not self._stopped.is_set()
         if more:
-            torch_thread.submit(self._batch_task, owner=self.name, limit=self.timeout_s).add_done_callback(self._task_done)
+            self._submit_task()
         elif stop:
             try:
                 if self._on_stopped is not None:

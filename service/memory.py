@@ -2,9 +2,8 @@
 
 glibc keeps memory that Python and torch free (per-thread arenas, fragmented heaps) for reuse; a
 server with several threads (the event loop, the torch thread, generation schedulers) and bursts
-of differently sized batches then sees its RSS
-climb in steps and never come down, although nothing leaks (benchmarks/README_soak.md has the
-measurements). `malloc_trim(0)` releases the free pages of every arena; calling it every few
+of differently sized batches then sees its RSS climb in steps and never come down, although nothing
+leaks (benchmarks/README_soak.md has the measurements). `malloc_trim(0)` releases the free pages of every arena; calling it every few
 seconds costs microseconds to milliseconds and nothing on the request path.
 """
 

@@ -5,7 +5,7 @@ key, leases the model (service/routes/deps.py) and hands over.
 It is a plain Starlette route, not a FastAPI one: it is the route every inference request takes,
 and FastAPI's dependency solving and request wrapping cost it more per request than the rest of our
 stack does (docs/performance.md, Serving, item 8). What FastAPI would have written in the OpenAPI
-document for it is `INFERENCE_OPERATION` (service/openapi_doc.py).
+document for it is `inference_operation()` (service/openapi_doc.py).
 """
 
 from __future__ import annotations
