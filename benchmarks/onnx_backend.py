@@ -1,5 +1,5 @@
 """The ONNX Runtime backend against torch, side by side in one run: accuracy on the full held-out
-sets and speed, per backend (torch, onnx float32, onnx int8), for the served runners themselves
+sets and speed, per backend (torch, onnx float32, onnx int8, torch bfloat16), for the served runners themselves
 (the server's tokenizing, padding, sub-batching and post-processing; no HTTP).
 
 - MiniLM: a fine-tuned all-MiniLM-L6-v2 (`models/demo-sentiment`, or --minilm), Rotten Tomatoes test (2,121).
@@ -46,7 +46,9 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 
-BACKENDS = (("torch", "none"), ("onnx", "none"), ("onnx", "int8"))
+# (row label, HF_SERVE_BACKEND, HF_SERVE_QUANTIZE, HF_SERVE_DTYPE); torch float32 first: the reference
+BACKENDS = (("torch", "torch", "none", "float32"), ("onnx float32", "onnx", "none", "float32"),
+            ("onnx int8", "onnx", "int8", "float32"), ("torch bfloat16", "torch", "none", "bfloat16"))
 # `make mpnet-sentiment`, or the first seed of `benchmarks/quality.py --only mpnet` (its model folder)
 MPNET_CANDIDATES = (REPO / "models" / "mpnet-sentiment", WORK / "quality" / "runs" / "rt-mpnet-seed1")
 
@@ -74,13 +76,13 @@ def fashion_test(limit: int | None, id2label: dict) -> tuple[list, list[str]]:
 THREADS: int | None = None  # --threads: torch's and ONNX Runtime's intra-op threads
 
 
-def load(folder: Path, backend: str, quantize: str, cache: Path):
+def load(folder: Path, backend: str, quantize: str, cache: Path, dtype: str = "float32"):
     from service.folders import inspect_folder
     from service.loading import load_runner
     from service.settings import Settings
 
     settings = Settings(_env_file=None, models_dir=folder.parent, backend=backend, quantize=quantize, onnx_cache=cache,
-                        torch_threads=THREADS)
+                        torch_threads=THREADS, dtype=dtype)
     started = time.perf_counter()
     runner = load_runner(folder, inspect_folder(folder), settings)
     return runner, time.perf_counter() - started
@@ -148,11 +150,10 @@ def cnn_int8_variants(runner, fp32_file: Path, work: Path) -> dict[str, Path]:
 def bench_model(name: str, folder: Path, inputs: list, truth: list[str], args, cache: Path, extra_cnn: bool) -> dict:
     print(f"\n## {name}: {shown(folder)}, {len(inputs)} examples", flush=True)
     runners, rows = {}, []
-    for backend, quantize in BACKENDS:
-        runner, load_s = load(folder, backend, quantize, cache)
+    for label, backend, quantize, dtype in BACKENDS:
+        runner, load_s = load(folder, backend, quantize, cache, dtype)
         served = getattr(runner, "backend", None)
-        label = {"none": "torch" if backend == "torch" else "onnx float32", "int8": "onnx int8"}[quantize]
-        expected = {"torch": None, "onnx float32": "onnx", "onnx int8": "onnx-int8"}[label]
+        expected = "onnx-int8" if quantize == "int8" else "onnx" if backend == "onnx" else None
         if served is not None and served.name != expected:
             label += f" (served by {served.name})"
         runners[label] = runner
@@ -198,9 +199,11 @@ def bench_model(name: str, folder: Path, inputs: list, truth: list[str], args, c
         row["agreement_with_torch"] = float(np.mean([a == b for a, b in zip(row["predictions"], torch_row["predictions"], strict=False)]))
         row["batched_vs_torch"] = round(row["batched_per_s"] / torch_row["batched_per_s"], 2)
         if "accuracy_vs_fp32_same_images" in row:
-            row["int8_vs_fp32_pt"] = round(100 * row["accuracy_vs_fp32_same_images"], 2)
+            row["vs_fp32_pt"] = round(100 * row["accuracy_vs_fp32_same_images"], 2)
         elif fp32_acc is not None and row is rows[2] and row["served_by"] == "onnx-int8":
-            row["int8_vs_fp32_pt"] = round(100 * (row["accuracy"] - fp32_acc), 2)
+            row["vs_fp32_pt"] = round(100 * (row["accuracy"] - fp32_acc), 2)
+        elif row["backend"] == "torch bfloat16":  # against torch's float32 (the same runner, float32 weights)
+            row["vs_fp32_pt"] = round(100 * (row["accuracy"] - torch_row["accuracy"]), 2)
     for row in rows:
         del row["predictions"]
     torch_single = rows[0]["single_p50_ms"]
@@ -210,7 +213,7 @@ def bench_model(name: str, folder: Path, inputs: list, truth: list[str], args, c
 
 
 def verdict(row: dict) -> str:
-    miss = row.get("int8_vs_fp32_pt")
+    miss = row.get("vs_fp32_pt")
     if miss is None:
         return ""
     return "within 0.5 pt" if miss >= -0.5 else f"misses the 0.5 pt bound by {-miss - 0.5:.2f} pt"
@@ -220,7 +223,7 @@ def print_table(result: dict) -> None:
     headers = ["backend", "accuracy", "vs float32", "agrees with torch", "batched examples/s (x torch)",
                "single p50 ms (x torch)", "load s"]
     rows = [[r["backend"], f"{100 * r['accuracy']:.2f} %",
-             f"{r['int8_vs_fp32_pt']:+.2f} pt: {verdict(r)}" if "int8_vs_fp32_pt" in r else "-",
+             f"{r['vs_fp32_pt']:+.2f} pt: {verdict(r)}" if "vs_fp32_pt" in r else "-",
              f"{100 * r['agreement_with_torch']:.1f} %", f"{r['batched_per_s']:.1f} ({r['batched_vs_torch']:.2f}x)",
              f"{r['single_p50_ms']:.1f} ({r['single_vs_torch']:.2f}x)", r.get("load_s", "-")] for r in result["rows"]]
     print(table(headers, rows), flush=True)

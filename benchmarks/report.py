@@ -50,25 +50,37 @@ def serving(data: dict) -> str:
                    f"{max(r['batched_inputs_per_s'] for r in raws):.1f} inputs/s, {min(r['single_forward_ms'] for r in raws):.1f} ms)\n")
         rows = []
         has_tutorial = all("tutorial" in row for row in s["levels"].values())
+        has_naive = all("naive" in row for row in s["levels"].values())  # optional since 2026-12-02
         for c, row in s["levels"].items():
-            o, n = row["ours"], row["naive"]
-            tut = []
+            o = row["ours"]
+            tut, nai = [], []
             if has_tutorial:
                 t = row["tutorial"]
                 tut = [f"{t['throughput_rps']:.1f}", "**" + " / ".join(f"{x:.2f}" for x in row["paired"]["ours_vs_tutorial_runs"])
                        + f"** ({row['paired']['ours_vs_tutorial']:.2f}x)",
                        f"{t['p50_ms']:.0f} / {t['p95_ms']:.0f} / {t['p99_ms']:.0f}"]
-            rows.append([c, f"{o['throughput_rps']:.1f}", *tut[:2], f"{n['throughput_rps']:.1f}",
-                         f"{row['paired']['ours_vs_naive']:.2f}x", f"{row['paired']['ours_vs_raw_batched']:.0%}",
-                         f"{o['p50_ms']:.0f} / {o['p95_ms']:.0f} / {o['p99_ms']:.0f}", *tut[2:],
-                         f"{n['p50_ms']:.0f} / {n['p95_ms']:.0f} / {n['p99_ms']:.0f}",
-                         f"{o['errors']} / {n['errors']}", f"{o['peak_rss_mb']:.0f} / {n['peak_rss_mb']:.0f}",
-                         f"{o['client_cpu_pct']:.0f} %"])
+            if has_naive:
+                n = row["naive"]
+                nai = [f"{n['throughput_rps']:.1f}", f"{row['paired']['ours_vs_naive']:.2f}x",
+                       f"{n['p50_ms']:.0f} / {n['p95_ms']:.0f} / {n['p99_ms']:.0f}"]
+            rows.append([c, f"{o['throughput_rps']:.1f}", *tut[:2], *nai[:2], f"{row['paired']['ours_vs_raw_batched']:.0%}",
+                         f"{o['p50_ms']:.0f} / {o['p95_ms']:.0f} / {o['p99_ms']:.0f}", *tut[2:], *nai[2:],
+                         o["errors"], f"{o['peak_rss_mb']:.0f}", f"{o['client_cpu_pct']:.0f} %"])
         tut_heads = (["tutorial req/s", "ours / tutorial (each repetition; median)"], ["tutorial p50/p95/p99 ms"]) \
             if has_tutorial else ([], [])
-        out.append(table(["clients", "ours req/s", *tut_heads[0], "naive req/s", "ours / naive (paired)",
-                          "ours / raw batched (paired)", "ours p50/p95/p99 ms", *tut_heads[1], "naive p50/p95/p99 ms",
-                          "errors (ours/naive)", "peak RSS MB (ours/naive)", "client CPU"], rows))
+        nai_heads = ["naive req/s", "ours / naive (paired)", "naive p50/p95/p99 ms"] if has_naive else []
+        out.append(table(["clients", "ours req/s", *tut_heads[0], *nai_heads[:2], "ours / raw batched (paired)",
+                          "ours p50/p95/p99 ms", *tut_heads[1], *nai_heads[2:], "ours errors", "ours peak RSS MB",
+                          "client CPU"], rows))
+        arms = [k for k in next(iter(s["levels"].values())) if k not in ("ours", "naive", "tutorial", "paired")]
+        if has_tutorial and arms:  # the other configurations of ours (ours-onnx, ours-bf16, before), same repetitions
+            rows = [[arm, c, f"{row[arm]['throughput_rps']:.1f}", f"**{row['paired'][f'{arm}_vs_tutorial']:.2f}x**",
+                     f"{row[arm]['p50_ms']:.0f} / {row[arm]['p95_ms']:.0f} / {row[arm]['p99_ms']:.0f}",
+                     row[arm]["errors"], f"{row[arm]['client_cpu_pct']:.0f} %"]
+                    for arm in arms for c, row in s["levels"].items()]
+            out.append("")
+            out.append(table(["server", "clients", "req/s", "/ tutorial (median of the repetitions' ratios)",
+                              "p50/p95/p99 ms", "errors", "client CPU"], rows))
         if "label_check" in m:
             lc = m["label_check"]
             out.append(f"\nLabels: {lc['inputs_compared']} inputs answered by every server ({', '.join(lc['servers'])}); "
@@ -85,8 +97,10 @@ def serving(data: dict) -> str:
               f"(<= 5 ms: {met(t['c1_p50_met'])}; minus the stock model's forward: {t['c1_p50_minus_raw_single_ms']:+.1f} ms)"
               if like is not None else
               f"1 client p50 - raw single forward **{t['c1_p50_minus_raw_single_ms']:+.1f} ms** (<= 5 ms: {met(t['c1_p50_met'])})")
-        out.append(f"\nTargets: 32 clients ours/naive **{t['c32_vs_naive']:.2f}x** (>= 3x: {met(t['c32_vs_naive_met'])}), "
-                   f"ours/raw **{t['c32_vs_raw_batched']:.0%}** (>= 85 %: {met(t['c32_vs_raw_met'])}); {c1}.\n")
+        naive = (f"ours/naive **{t['c32_vs_naive']:.2f}x** (>= 3x: {met(t['c32_vs_naive_met'])}), "
+                 if "c32_vs_naive" in t else "")
+        out.append(f"\nTargets: 32 clients {naive}ours/raw **{t['c32_vs_raw_batched']:.0%}** "
+                   f"(>= 85 %: {met(t['c32_vs_raw_met'])}); {c1}.\n")
     return "\n".join(out)
 
 
