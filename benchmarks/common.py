@@ -40,6 +40,10 @@ def hardware() -> dict:
     import psutil
     import torch
 
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from training.precision import cpu_has_fast_bf16
+
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,6 +59,10 @@ def hardware() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # the vector ISA torch dispatches to, and whether bf16 matrix products run natively (AMX or
+        # AVX-512 BF16): the bfloat16 rows are only faster where this is true
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_fast_bf16(),
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -63,7 +71,8 @@ def hardware() -> dict:
 
 def print_hardware(hw: dict) -> None:
     gpu = hw["gpu"] or "no GPU"
-    print(f"# hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB, {gpu}; torch {hw['torch']} "
+    isa = f", {hw['cpu_capability']}{' + native bf16' if hw.get('cpu_native_bf16') else ''}" if "cpu_capability" in hw else ""
+    print(f"# hardware: {hw['cpu']}{isa}, {hw['cores']} cores, {hw['memory_gb']} GB, {gpu}; torch {hw['torch']} "
           f"({hw['torch_threads']} threads); load average at start {hw['load_average_at_start']}", flush=True)
 
 

@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "hf-serve-bench-onnx-cache")
     parser.add_argument("--quick", action="store_true", help="tiny inputs counts (checks that the script runs)")
+    parser.add_argument("--name", default="onnx", help="results file name (benchmarks/results/<name>.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.texts, args.images, args.cnn_int8_images, args.single, args.rounds = 64, 64, 32, 5, 1
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                                         args.cache, extra_cnn=True)
         print_table(results["models"]["mobilenet-v2"])
     results["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    print(f"\nwrote {shown(write_results('onnx', results, args.quick))}")
+    print(f"\nwrote {shown(write_results(args.name, results, args.quick))}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import torch_thread
 from .body_limit import BodyLimit
 from .errors import install_error_handlers
+from .loading import warn_if_dtype_is_slow
 from .memory import limit_arenas, trim_periodically
 from .metrics import Metrics
 from .openapi_doc import install_openapi
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     registry = Registry(settings, metrics)
     logging.getLogger("service").setLevel(settings.log_level.upper())
+    warn_if_dtype_is_slow(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -151,6 +151,8 @@ def run(config: FinetuneConfig) -> Path:
     logger.info("%d process(es), device %s, mixed precision %s", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision)
     check_launch(accelerator)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and (note := precision.emulated_bf16_note()):
+        logger.warning("mixed precision bf16 was asked for, but %s; --mixed_precision no trains faster here", note)
 
     # Check everything before writing anything: the folders, then the data (files, columns, labels).
     plan = check_folders(config)

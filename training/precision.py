@@ -30,6 +30,16 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def emulated_bf16_note() -> str | None:
+    """Why bf16 will be slow on this CPU, or None where it runs natively. Without AMX or AVX-512
+    BF16, oneDNN emulates bf16 matrix products in float32 with conversions around them: several
+    times slower than plain float32 (docs/performance.md, ONNX Runtime backend, measures it)."""
+    if cpu_has_fast_bf16():
+        return None
+    return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AMX or AVX-512 BF16, so bf16 matrix "
+            "products are emulated: expect several times slower than float32")
+
+
 def on_cpu(environ: Mapping[str, str]) -> bool:
     """Whether Accelerate will put this process on the CPU."""
     return environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or not torch.cuda.is_available()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from service.__main__ import main
@@ -66,3 +68,14 @@ def test_help_lists_flags_with_descriptions(capsys):
     for flag in ("--models-dir", "--max-concurrent-requests", "--reload-interval-s", "--api-key"):
         assert flag in out
     assert "429" in out  # the help text, not only the flag names
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "auto"])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about_at_startup(dtype, tmp_path, caplog):
+    from service.app import create_app
+    from training.precision import emulated_bf16_note
+
+    with caplog.at_level(logging.WARNING, logger="service.loading"):
+        create_app(Settings(_env_file=None, models_dir=tmp_path, device="cpu", dtype=dtype))
+    warned = "dtype bfloat16 on the CPU" in caplog.text
+    assert warned == (dtype == "bfloat16" and emulated_bf16_note() is not None)

@@ -24,6 +24,14 @@ def test_the_cpu_probe_agrees_with_cpuinfo():
     assert precision.cpu_has_fast_bf16() == cpuinfo_has_bf16()
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="Linux only")
+def test_bf16_is_called_emulated_exactly_where_the_cpu_lacks_native_bf16():
+    note = precision.emulated_bf16_note()
+    assert (note is None) == cpuinfo_has_bf16()
+    if note is not None:
+        assert "AMX or AVX-512 BF16" in note and "slower than float32" in note
+
+
 @pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
 def test_an_explicit_choice_is_kept(requested):
     assert precision.resolve(requested, {"ACCELERATE_MIXED_PRECISION": "fp16"}) == requested
