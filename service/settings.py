@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a text-generation request may ask for (422 above).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own choice).")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights dtype: auto is float32 on CPU and float16 on GPU.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description=(
+        "Weights dtype: auto is float32 on CPU and float16 on GPU. bfloat16 on a CPU pays only with AMX or "
+        "AVX-512 BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later) and is several times slower "
+        "elsewhere (a startup warning says so)."))
     backend: Literal["torch", "onnx"] = Field("torch", description="Runtime of the text-classification, image-classification and feature-extraction models: torch, or onnx (ONNX Runtime on CPU; needs `pip install .[onnx]`). Each model is exported once per folder version into onnx_cache and checked against torch on probe inputs; a model that does not export or disagrees falls back to torch (GET /models says which backend serves it). Text generation always runs on torch.")
     quantize: Literal["none", "int8"] = Field("none", description="With backend=onnx: int8 quantizes the text models' weights (ONNX Runtime dynamic quantization of MatMul/Gemm). Image models stay float32 (see docs/performance.md, ONNX Runtime).")
     onnx_cache: Path = Field(Path("~/.cache/hf-serve/onnx"), description="Folder for the exported ONNX files (backend=onnx), outside the model folders, which may be read-only; keyed by a hash of each folder's config and weight files and the library versions (the float32 and int8 files side by side). Not writable: each load exports again, into a temporary folder.")

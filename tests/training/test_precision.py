@@ -51,7 +51,7 @@ def test_auto_on_a_cpu_is_bf16_exactly_when_it_has_native_bf16(environ):
 
 
 @pytest.mark.slow
-def test_a_run_records_its_precision_and_no_means_float32(tiny_bert, rt_small, tmp_path):
+def test_a_run_records_its_precision_and_no_means_float32_and_emulated_bf16_is_warned_about(tiny_bert, rt_small, tmp_path):
     train, test = rt_small
     args = ["--model_name_or_path", str(tiny_bert), "--train_file", str(train), "--validation_file", str(test),
             "--max_train_steps", "2", "--checkpointing_steps", "none", "--per_device_train_batch_size", "8"]
@@ -65,6 +65,12 @@ def test_a_run_records_its_precision_and_no_means_float32(tiny_bert, rt_small, t
     assert f"mixed precision {expected}" in (tmp_path / "models" / "auto" / "README.md").read_text()
     assert "mixed precision no" in fp32.stderr
     assert "mixed precision no" in (tmp_path / "models" / "fp32" / "README.md").read_text()
+    assert "emulated" not in auto.stderr  # auto never picks an emulated bf16
+    bf16 = finetune([*args, "--output_dir", "models/bf16", "--mixed_precision", "bf16", "--max_train_steps", "1"],
+                    tmp_path, {"ACCELERATE_USE_CPU": "true"})
+    assert bf16.returncode == 0, bf16.stderr[-2000:]
+    assert "mixed precision bf16" in bf16.stderr
+    assert ("bf16 matrix products are emulated" in bf16.stderr) == (not cpuinfo_has_bf16())
     for name in ("auto", "fp32"):  # weights stay float32 either way
         config = json.loads((tmp_path / "models" / name / "config.json").read_text())
         assert config.get("dtype", config.get("torch_dtype", "float32")) == "float32"
