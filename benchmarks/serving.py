@@ -18,7 +18,7 @@ Every server's answer is kept per input and the top labels are compared across s
 benchmark reports each input on which they disagree (`label_check` in the JSON).
 All servers are uvicorn subprocesses on 127.0.0.1, started the same way and pinned with
 `taskset` to every core (on this 2-core machine the load client shares them: its CPU use is
-measured and reported as `client CPU`). Load: a closed loop of N httpx async clients, each
+measured and reported as `client CPU`). Load: a closed loop of N async clients (a minimal HTTP/1.1 client, or httpx), each
 sending its next request when the previous answer arrives, for a fixed number of requests after
 a warm-up; inputs are real (Rotten Tomatoes held-out sentences, Fashion-MNIST test images as PNG,
 32-token prompts cut from RT sentences). Every cell is the median of `--repeats` repetitions;
@@ -315,8 +315,94 @@ def count_tokens(task: str, body) -> int:
     return int(body[0]["details"]["generated_tokens"])
 
 
+class RawResponse:
+    """What `RawHTTPClient.post` returns: the parts of an httpx response the load loop reads."""
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes):
+        self.status_code, self.headers, self.content = status_code, headers, content
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class RawHTTPClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection per concurrent caller,
+    requests encoded once per input, answers read by Content-Length (or chunked). The load client
+    shares the 2 cores with the server; httpx spent several ms of CPU per request there (63-71 % of
+    a core against ours-onnx at 91 req/s), which is CPU the server did not get. Same requests, same
+    answers, a fraction of the client's CPU (`--client httpx` keeps the old one for comparison)."""
+
+    def __init__(self, url: str, timeout: float = 600):
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port, self.timeout = host, int(port), timeout
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.encoded: dict[tuple, bytes] = {}
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    def encode(self, path: str, key, kwargs: dict) -> bytes:
+        if key not in self.encoded:
+            body = kwargs["content"] if "content" in kwargs else json.dumps(kwargs["json"]).encode()
+            headers = {"content-type": "application/json", **kwargs.get("headers", {})}
+            head = (f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-length: {len(body)}\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+            self.encoded[key] = head.encode("latin-1") + body
+        return self.encoded[key]
+
+    async def post(self, path: str, key, **kwargs) -> RawResponse:
+        request = self.encode(path, key, kwargs)
+        reused = bool(self.idle)
+        reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(request)
+            response = await asyncio.wait_for(self.read(reader), self.timeout)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            writer.close()
+            if reused and not getattr(exc, "partial", b""):  # the server closed an idle keep-alive connection
+                return await self.post(path, key, **kwargs)
+            raise
+        except BaseException:
+            writer.close()
+            raise
+        if response.headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return response
+
+    @staticmethod
+    async def read(reader: asyncio.StreamReader) -> RawResponse:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+        if "content-length" in headers:
+            return RawResponse(status, headers, await reader.readexactly(int(headers["content-length"])))
+        chunks = []  # transfer-encoding: chunked
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+        return RawResponse(status, headers, b"".join(chunks))
+
+
+def load_client(server: Server, concurrency: int, kind: str):
+    """The closed loop's client: RawHTTPClient (default) or httpx.AsyncClient (`--client httpx`)."""
+    import httpx
+
+    if kind == "raw":
+        return RawHTTPClient(server.url)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits)
+
+
 async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, concurrency: int,
-                      labels: dict | None = None) -> dict:
+                      labels: dict | None = None, client_kind: str = "raw") -> dict:
     """`concurrency` clients, each sending its next request when its answer arrives. With `labels`, the
     top label of every classification answer is added to `labels[input index]` (a set)."""
     import httpx
@@ -324,12 +410,14 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
     labels = {} if labels is None else labels
     server_ms: list[tuple[float, float]] = []  # (queue, inference) ms per answer, when the server says
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
+    async with load_client(server, concurrency, client_kind) as client:
         async def one(i: int):
             t0 = time.perf_counter()
             try:
-                r = await client.post(server.path, **request_kwargs(server, task, inputs[i % len(inputs)]))
+                kwargs = request_kwargs(server, task, inputs[i % len(inputs)])
+                if client_kind == "raw":
+                    kwargs["key"] = i % len(inputs)
+                r = await client.post(server.path, **kwargs)
                 ok = r.status_code == 200
                 body = r.json() if ok else None
                 # the tutorial's answers are exactly GEN_NEW_TOKENS tokens (TUTORIAL_MAX_NEW_TOKENS)
@@ -339,7 +427,7 @@ async def closed_loop(server: Server, task: str, inputs: list, n_requests: int, 
                     labels.setdefault(i % len(inputs), set()).add(top_label(body))
                 if ok and "x-inference-time" in r.headers:  # ours: where the time went, server side
                     server_ms.append((float(r.headers["x-queue-time"]), float(r.headers["x-inference-time"])))
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
                 ok, tokens = False, 0
             return time.perf_counter() - t0, ok, tokens
 
@@ -428,7 +516,7 @@ def bench_model(name: str, spec, args) -> dict:
                     print(f"  rep {rep + 1}: raw {json.dumps({k: round(v, 2) for k, v in raw.items()})}", flush=True)
                 for kind, s in servers.items():
                     n = max(n_requests, 2 * c)
-                    r = asyncio.run(closed_loop(s, task, inputs, n, c, labels[kind]))
+                    r = asyncio.run(closed_loop(s, task, inputs, n, c, labels[kind], args.client))
                     r["rss_mb"], r["peak_rss_mb"] = s.rss()
                     out["servers"][kind][str(c)].append(r)
                     extra = f", {r['tokens_per_s']:.1f} tok/s" if generation else ""
@@ -724,6 +812,9 @@ def main(argv=None) -> int:
                              "naive is optional: the older ratios use it; ours-onnx: ours with HF_SERVE_BACKEND=onnx, "
                              "HF_SERVE_QUANTIZE=int8; ours-bf16: ours with HF_SERVE_DTYPE=bfloat16; before: ours from "
                              "BENCH_BEFORE_DIR's service/)")
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="load client: raw (a minimal keep-alive HTTP/1.1 client, little CPU) or httpx.AsyncClient "
+                             "(what every run before 2026-12-03 used; several times the CPU per request)")
     parser.add_argument("--name", default="serving", help="results file name (benchmarks/results/<name>.json)")
     parser.add_argument("--summarise-only", action="store_true", help="recompute summaries, tables and plot from the JSON")
     args = parser.parse_args(argv)
@@ -758,7 +849,7 @@ def main(argv=None) -> int:
     print_hardware(hw)
     results: dict = {"hardware": hw, "quick": args.quick, "repeats": args.repeats, "max_batch": MAX_BATCH,
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "servers": args.servers,
-                     "client": "httpx.AsyncClient closed loop on 127.0.0.1, same 2 cores as the server", "models": {}}
+                     "client": f"{'RawHTTPClient' if args.client == 'raw' else 'httpx.AsyncClient'} closed loop on 127.0.0.1, same cores as the server", "models": {}}
     started = time.perf_counter()
     for name in chosen:
         results["models"][name] = bench_model(name, models[name], args)

@@ -40,3 +40,10 @@ def test_quick_mode_writes_results(script, keys, extra, plots, tmp_path):
     assert data["quick"] is True and all(key in data for key in keys)
     assert (tmp_path / "results" / f"{name}.quick.png").is_file() or not plots
     assert "| " in proc.stdout  # the table was printed
+    if script == "serving":  # the load client got an answer to every request from every server
+        for model in data["models"].values():
+            runs = [run for levels in model["servers"].values() for reps in levels.values() for run in reps]
+            assert runs and all(run["errors"] == 0 and run["throughput_rps"] > 0 for run in runs), model["folder"]
+            if model["task"] != "text-generation":
+                check = model["label_check"]
+                assert check["inputs_compared"] > 0 and check["servers"] == data["servers"]
