@@ -40,8 +40,7 @@ def hardware() -> dict:
     import psutil
     import torch
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    # the repo root is on sys.path (every script puts it there before importing benchmarks.common)
     from training.precision import cpu_has_fast_bf16
 
     cpu = platform.processor() or ""
@@ -71,8 +70,8 @@ def hardware() -> dict:
 
 def print_hardware(hw: dict) -> None:
     gpu = hw["gpu"] or "no GPU"
-    isa = f", {hw['cpu_capability']}{' + native bf16' if hw.get('cpu_native_bf16') else ''}" if "cpu_capability" in hw else ""
-    print(f"# hardware: {hw['cpu']}{isa}, {hw['cores']} cores, {hw['memory_gb']} GB, {gpu}; torch {hw['torch']} "
+    bf16 = " + native bf16" if hw["cpu_native_bf16"] else ""
+    print(f"# hardware: {hw['cpu']}, {hw['cpu_capability']}{bf16}, {hw['cores']} cores, {hw['memory_gb']} GB, {gpu}; torch {hw['torch']} "
           f"({hw['torch_threads']} threads); load average at start {hw['load_average_at_start']}", flush=True)
 
 

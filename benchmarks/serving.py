@@ -336,7 +336,7 @@ class RawHTTPClient:
         host, port = url.removeprefix("http://").split(":")
         self.host, self.port, self.timeout = host, int(port), timeout
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.encoded: dict[tuple, bytes] = {}
+        self.encoded: dict[object, bytes] = {}  # request bytes per input key
 
     async def __aenter__(self):
         return self
