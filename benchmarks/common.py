@@ -288,6 +288,21 @@ def rt_sentences(split: str = "test", n: int | None = None) -> list[str]:
     return rows[:n] if n else rows
 
 
+def fashion_calibration(folder: Path, n: int = 320) -> Path:
+    """`folder` filled with n Fashion-MNIST *training* images (PNG, spread over the set; the test images
+    are what the benchmarks send and score): the calibration images of HF_SERVE_CALIBRATION_DIR."""
+    import pyarrow.parquet as pq
+
+    if len(list(folder.glob("*.png"))) >= n:
+        return folder
+    table = pq.read_table(FASHION_DIR / "train.parquet", columns=["image"])
+    rows = table.column("image").to_pylist()[::table.num_rows // n][:n]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        (folder / f"{i:04d}.png").write_bytes(row["bytes"])
+    return folder
+
+
 def fashion_png(n: int) -> list[bytes]:
     """The first n Fashion-MNIST test images as PNG bytes (28x28 grayscale, as stored)."""
     import pyarrow.parquet as pq

@@ -4,10 +4,12 @@ sets and speed, per backend (torch, onnx float32, onnx int8, torch bfloat16), fo
 
 - MiniLM: a fine-tuned all-MiniLM-L6-v2 (`models/demo-sentiment`, or --minilm), Rotten Tomatoes test (2,121).
 - MPNet: a fine-tuned all-mpnet-base-v2, only when a folder is given or found (--mpnet).
-- MobileNetV2: `models/demo-images` (or --mobilenet), Fashion-MNIST test (10,000). Besides the
-  served backends, two int8 variants that are *not* served are measured on the first
-  --cnn-int8-images images: dynamic (ConvInteger) and static QDQ calibrated on the runner's own
-  probe images, the evidence for keeping CNNs in float32 under quantize=int8.
+- MobileNetV2: `models/demo-images` (or --mobilenet), Fashion-MNIST test (10,000). The served int8
+  row is what the server does with calibration images (320 Fashion-MNIST *training* images in
+  HF_SERVE_CALIBRATION_DIR): static int8 if it passes the label check, else float32. Besides the
+  served backends, three int8 variants are measured on the first --cnn-int8-images images whatever
+  the check says: dynamic (ConvInteger), static QDQ calibrated on the runner's own probe images, and
+  the served static recipe calibrated on the training images.
 
 Speed: "batched" is examples/s over the accuracy pass (micro-batches of 32 through `run_batch`, as
 the batcher forms them under load); "single" is the p50 of one-example requests (prepare +
@@ -37,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     REPO,
     RT_DIR,
     WORK,
+    fashion_calibration,
     hardware,
     median,
     percentile,
@@ -75,6 +78,7 @@ def fashion_test(limit: int | None, id2label: dict) -> tuple[list, list[str]]:
 
 
 THREADS: int | None = None  # --threads: torch's and ONNX Runtime's intra-op threads
+CALIBRATION = WORK / "calibration"  # HF_SERVE_CALIBRATION_DIR: Fashion-MNIST training images per image model
 
 
 def load(folder: Path, backend: str, quantize: str, cache: Path, dtype: str = "float32"):
@@ -83,7 +87,7 @@ def load(folder: Path, backend: str, quantize: str, cache: Path, dtype: str = "f
     from service.settings import Settings
 
     settings = Settings(_env_file=None, models_dir=folder.parent, backend=backend, quantize=quantize, onnx_cache=cache,
-                        torch_threads=THREADS, dtype=dtype)
+                        torch_threads=THREADS, dtype=dtype, calibration_dir=CALIBRATION)
     started = time.perf_counter()
     runner = load_runner(folder, inspect_folder(folder), settings)
     return runner, time.perf_counter() - started
@@ -121,8 +125,9 @@ def single_latency_ms(runner, inputs: list, count: int) -> float:
     return percentile(times, 50)
 
 
-def cnn_int8_variants(runner, fp32_file: Path, work: Path) -> dict[str, Path]:
-    """int8 MobileNetV2 two ways (not served): dynamic, and static QDQ calibrated on the probe images."""
+def cnn_int8_variants(runner, fp32_file: Path, work: Path, calibration: Path) -> dict[str, Path]:
+    """int8 MobileNetV2 three ways, whatever the server's check would decide: dynamic, static QDQ
+    calibrated on the probe images, and the served recipe calibrated on real training images."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -131,6 +136,9 @@ def cnn_int8_variants(runner, fp32_file: Path, work: Path) -> dict[str, Path]:
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from service import calibration as calibration_images
+    from service.onnx_backend import quantize_int8_static
 
     class Probes(CalibrationDataReader):
         def __init__(self):
@@ -145,7 +153,11 @@ def cnn_int8_variants(runner, fp32_file: Path, work: Path) -> dict[str, Path]:
     quant_pre_process(str(fp32_file), str(prepped))
     quantize_static(str(prepped), str(static), Probes(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return {"onnx int8 dynamic (not served)": dynamic, "onnx int8 static QDQ, probe calibration (not served)": static}
+    served = work / "static-served-recipe.onnx"
+    images = calibration_images.load(calibration)
+    quantize_int8_static(fp32_file, served, runner.onnx_batches(images.calibrate))
+    return {"onnx int8 dynamic (not served)": dynamic, "onnx int8 static QDQ, probe calibration (not served)": static,
+            f"onnx int8 static, served recipe, {len(images.calibrate)} training images (check not applied)": served}
 
 
 def bench_model(name: str, folder: Path, inputs: list, truth: list[str], args, cache: Path, extra_cnn: bool) -> dict:
@@ -186,7 +198,7 @@ def bench_model(name: str, folder: Path, inputs: list, truth: list[str], args, c
         subset, subset_truth = inputs[:args.cnn_int8_images], truth[:args.cnn_int8_images]
         reference, _ = classify(fp32, subset, args.batch)
         ref_acc = float(np.mean([p == t for p, t in zip(reference, subset_truth, strict=True)]))
-        for label, path in cnn_int8_variants(fp32, Path(fp32.backend.file), work).items():
+        for label, path in cnn_int8_variants(fp32, Path(fp32.backend.file), work, CALIBRATION / folder.name).items():
             runner, _ = load(folder, "onnx", "none", cache)
             runner.model = OnnxModel(session(path, runner.model.session.get_session_options().intra_op_num_threads),
                                      runner.model.config, "logits")
@@ -283,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.mobilenet / "config.json").is_file():
         id2label = {int(k): v for k, v in json.loads((args.mobilenet / "config.json").read_text())["id2label"].items()}
         images, image_truth = fashion_test(args.images, id2label)
+        fashion_calibration(CALIBRATION / args.mobilenet.name)
         results["models"]["mobilenet-v2"] = bench_model("mobilenet-v2", args.mobilenet, images, image_truth, args,
                                                         args.cache, extra_cnn=True)
         print_table(results["models"]["mobilenet-v2"])

@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     build_gpt2,
     build_resnet50,
     build_text_model,
+    fashion_calibration,
     fashion_png,
     free_port,
     hardware,
@@ -220,8 +221,11 @@ class Server:
             # e.g. `git archive <commit> service | tar -x -C DIR`): an A/B of a change, side by side
             cwd = Path(os.environ["BENCH_BEFORE_DIR"])
             env["PYTHONPATH"] = str(cwd)
-        if kind == "ours-onnx":  # ours on the ONNX Runtime backend, int8 where it keeps accuracy (text)
-            env.update(HF_SERVE_BACKEND="onnx", HF_SERVE_QUANTIZE="int8", HF_SERVE_ONNX_CACHE=str(WORK / "onnx-cache"))
+        if kind == "ours-onnx":  # ours on the ONNX Runtime backend, int8 where it keeps float32's labels
+            env.update(HF_SERVE_BACKEND="onnx", HF_SERVE_QUANTIZE="int8", HF_SERVE_ONNX_CACHE=str(WORK / "onnx-cache"),
+                       HF_SERVE_CALIBRATION_DIR=str(WORK / "calibration"))
+            if task == "image-classification":  # static int8 needs images like the requests (not the same ones)
+                fashion_calibration(WORK / "calibration" / name)
         if kind == "ours-bf16":  # ours with bfloat16 weights: native on CPUs with AMX or AVX-512 BF16
             env.update(HF_SERVE_DTYPE="bfloat16")
         if kind in ("ours", "before", "ours-onnx", "ours-bf16"):

@@ -13,6 +13,13 @@ cores; it handles every architecture the tests build), the torch.export-based on
 The exported session must agree with torch on every probe batch (float32: 1e-4 + 1e-3 of the largest
 output; int8: class probabilities within 0.15, token vectors within cosine distance 0.1) or the model stays on torch, with one log line saying why.
 
+int8 (`quantize=int8`) comes two ways, as the runner's `onnx_int8` says: "dynamic" for the text
+models (int8 weights of MatMul/Gemm, activations quantized at run time), and "static" for the image
+models (weights and activations, with ranges fixed from the deployment's calibration images:
+service/calibration.py). A static int8 graph is kept only if it leaves the top label of
+INT8_MIN_LABEL_AGREEMENT of the held-out calibration images as the float32 graph has it; otherwise,
+and without calibration images, the model is served by the float32 graph, with a note saying why.
+
 Threads: the session runs on the torch thread (service/torch_thread.py), like every forward pass,
 so one model's forward pass at a time uses the cores, whichever backend runs it; ONNX Runtime's own
 intra-op pool has `torch_threads` threads (torch's count when unset), counting the calling thread.
@@ -23,6 +30,7 @@ avoid (a choice by reasoning, not measured against spinning: docs/performance.md
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -45,6 +53,9 @@ FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
 # direction of a token vector. (Measured on the demo MiniLM: 0.02-0.05; on tiny random models up to 0.1.)
 INT8_MAX_PROBABILITY_ERROR = 0.15
 INT8_MAX_COSINE_DISTANCE = 0.1
+# Static int8 (image models) is kept only if it leaves the top label of this share of held-out
+# calibration images as float32 has it (the dynamic int8 text models keep 97-99 % on RT: docs/performance.md).
+INT8_MIN_LABEL_AGREEMENT = 0.98
 # Missing inputs the graph has (a smoke test that sends only input_ids): what the model assumes.
 _DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
 
@@ -147,6 +158,47 @@ def quantize_int8(source: Path, target: Path) -> None:
                      op_types_to_quantize=["MatMul", "Gemm"])
 
 
+def quantize_int8_static(source: Path, target: Path, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Static int8 quantization of a convolutional network (ONNX Runtime's recipe for CNNs on CPU):
+    QDQ format, int8 weights with one scale per output channel, uint8 activations whose ranges are
+    fixed from `batches` (real images: service/calibration.py).
+
+    Two choices measured on the demo MobileNetV2 (Fashion-MNIST, 1,000 test images; docs/performance.md):
+    weights in 7 bits (`reduce_range`), because x86 CPUs without VNNI multiply uint8 by int8 with an
+    instruction that saturates 16-bit sums; and the first convolution left in float32: it reads the
+    normalised pixels, and quantizing it alone cost 6 of the 7.5 points lost by quantizing everything."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{k: v.cpu().numpy() for k, v in b.items()} for b in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory(prefix="hf-serve-quant-") as scratch:
+        prepped = Path(scratch) / "prepped.onnx"
+        quant_pre_process(str(source), str(prepped))  # shape inference + graph clean-up, as ORT asks
+        first_conv = next((n.name for n in onnx.load(str(prepped)).graph.node if n.op_type == "Conv"), None)
+        quantize_static(str(prepped), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=[first_conv] if first_conv else [])
+
+
+def label_agreement(candidate: OnnxModel, reference: OnnxModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(share of inputs whose top label is the same under both classifiers, largest class probability difference)."""
+    same = total = 0
+    worst = 0.0
+    for batch in batches:
+        got, ref = candidate(**batch).logits.numpy(), reference(**batch).logits.numpy()
+        same += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        worst = max(worst, float(np.abs(_softmax(got) - _softmax(ref)).max()))
+    return same / max(total, 1), worst
+
+
 def session(path: Path, threads: int):
     """An ONNX Runtime CPU session: `threads` intra-op threads, no spinning between runs."""
     import onnxruntime as ort
@@ -242,10 +294,12 @@ def use_onnx(runner, path: Path, info: FolderInfo, settings: Settings) -> Backen
 def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Backend, OnnxModel | None]:
     model, output = runner.model, runner.onnx_output
     probes = runner.onnx_probe()
-    int8 = settings.quantize == "int8" and getattr(runner, "onnx_int8", True)
+    # How int8 applies to this runner: "dynamic" (text: weights only), "static" (images: calibrated) or None.
+    int8 = getattr(runner, "onnx_int8", "dynamic") if settings.quantize == "int8" else None
     adapter = read_adapter(path, settings.models_dir)
     key, _source = onnx_cache.cache_key(path, info.task, adapter.base_path if adapter else None)
     cache = Path(settings.onnx_cache).expanduser()
+    threads = settings.torch_threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="hf-serve-onnx-") as scratch:
         # An unwritable cache (a read-only volume): export into a scratch folder on every load.
         folder = onnx_cache.entry_dir(cache, path.name, key) if onnx_cache.writable(cache) else Path(scratch)
@@ -257,24 +311,69 @@ def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Ba
         else:
             log.info("model %s: ONNX file reused from the cache: %s", path.name, fp32)
         target = fp32
-        if int8:
+        if int8 == "dynamic":
             target = folder / "model.int8.onnx"
             if not target.is_file():
                 with onnx_cache.atomic_file(target) as tmp:
                     quantize_int8(fp32, tmp)
-        threads = settings.torch_threads or torch.get_num_threads()
         onnx_model = OnnxModel(session(target, threads), model.config, output)
-    error, ok = disagreement(onnx_model, model, probes, output, int8)
-    name = "onnx-int8" if int8 else "onnx"
-    file = str(target) if folder != Path(scratch) else None
-    if not ok:
-        what = ("largest probability or cosine difference" if int8 else "max abs difference")
-        return Backend("torch", note=f"{name} disagrees with torch on the probe inputs ({what} {error:.3g})",
-                       file=file, exporter=exporter, max_error=error), None
-    note = None
-    if settings.quantize == "int8" and not int8:
-        note = "int8 is not applied to this task (on MobileNetV2 it lost 3.8-28 accuracy points: docs/performance.md)"
-    return Backend(name, note=note, file=file, exporter=exporter, max_error=error), onnx_model
+
+        def file(p: Path) -> str | None:  # what GET /models shows: a cached file, not a scratch one
+            return str(p) if folder != Path(scratch) else None
+
+        error, ok = disagreement(onnx_model, model, probes, output, int8 == "dynamic")
+        name = "onnx-int8" if int8 == "dynamic" else "onnx"
+        if not ok:
+            what = ("largest probability or cosine difference" if int8 == "dynamic" else "max abs difference")
+            return Backend("torch", note=f"{name} disagrees with torch on the probe inputs ({what} {error:.3g})",
+                           file=file(target), exporter=exporter, max_error=error), None
+        backend = Backend(name, file=file(target), exporter=exporter, max_error=error)
+        if int8 == "static":
+            backend, onnx_model = _static_int8(runner, onnx_model, backend, folder, file, path.name, settings, threads)
+    return backend, onnx_model
+
+
+def _static_int8(runner, fp32_model: OnnxModel, fp32: Backend, folder: Path, file, name: str, settings: Settings,
+                 threads: int) -> tuple[Backend, OnnxModel]:
+    """The float32 session (already checked against torch) replaced by a statically quantized one when
+    the model has calibration images and the int8 graph keeps the top label of at least
+    INT8_MIN_LABEL_AGREEMENT of the held-out ones; else float32 stays, with a note saying why."""
+    from . import calibration
+
+    where = calibration.folder_for(settings.calibration_dir, name)
+    if where is None:
+        fp32.note = ("int8 for image models needs calibration images (calibration_dir): served in float32 "
+                     "(docs/performance.md, ONNX Runtime)")
+        return fp32, fp32_model
+    images = calibration.load(where)
+    if isinstance(images, str):
+        fp32.note = f"{images}: served in float32"
+        return fp32, fp32_model
+    target = folder / f"model.int8-static-{images.digest}.onnx"
+    if not target.is_file():
+        with onnx_cache.atomic_file(target) as tmp:
+            quantize_int8_static(folder / "model.onnx", tmp, runner.onnx_batches(images.calibrate))
+        log.info("model %s: quantized to int8 on %d calibration images of %s", name, len(images.calibrate), where)
+    int8_model = OnnxModel(session(target, threads), fp32_model.config, fp32_model.output)
+    # The check costs a few seconds (ResNet-50: about 25 s); its verdict is kept beside the file it is about.
+    verdict = target.with_suffix(".check.json")
+    try:
+        checked = json.loads(verdict.read_text())
+        agreement, error = float(checked["label_agreement"]), float(checked["max_probability_difference"])
+    except (OSError, ValueError, KeyError, TypeError):
+        agreement, error = label_agreement(int8_model, fp32_model, runner.onnx_batches(images.check))
+        if file(target) is not None:
+            with onnx_cache.atomic_file(verdict) as tmp:
+                tmp.write_text(json.dumps({"label_agreement": agreement, "max_probability_difference": error,
+                                           "held_out_images": len(images.check)}))
+    if agreement < INT8_MIN_LABEL_AGREEMENT:
+        fp32.note = (f"static int8 kept the float32 top label on {agreement:.1%} of {len(images.check)} held-out "
+                     f"calibration images (< {INT8_MIN_LABEL_AGREEMENT:.0%}): served in float32")
+        return fp32, fp32_model
+    note = (f"static int8 calibrated on {where}; top label equal to float32 on {agreement:.1%} of {len(images.check)} "
+            f"held-out images")
+    # max_error: the largest class probability difference to float32 on the held-out images
+    return Backend("onnx-int8", note=note, file=file(target), exporter=fp32.exporter, max_error=error), int8_model
 
 
 def describe(backend: Backend | None) -> dict[str, Any]:

@@ -34,7 +34,8 @@ class ImageClassificationRequest(StrictBody):
 
 class FastImagePreprocess:
     """The usual ImageNet preprocessing (resize the shortest edge or to a fixed size, center crop,
-    rescale, normalise) done with one PIL resize and one float32 numpy expression.
+    rescale, normalise) done with one PIL resize per request (`pixels`, kept as uint8) and one
+    multiply-add per image when its batch runs (`normalise`).
 
     transformers' PIL processors cost about as much per image as a MobileNetV2 forward pass on a
     CPU; this path is cheaper (docs/performance.md, Serving, item 4) and runs per request in `prepare`.
@@ -53,9 +54,9 @@ class FastImagePreprocess:
         rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
         mean = np.asarray(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=np.float64)
         std = np.asarray(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=np.float64)
-        # (pixel * rescale - mean) / std == pixel * scale + shift
-        self.scale = (rescale / std).astype(np.float32).reshape(1, 1, 3)
-        self.shift = (-mean / std).astype(np.float32).reshape(1, 1, 3)
+        # (pixel * rescale - mean) / std == pixel * scale + shift, per channel of a (3, height, width) image
+        self.scale = (rescale / std).astype(np.float32).reshape(3, 1, 1)
+        self.shift = (-mean / std).astype(np.float32).reshape(3, 1, 1)
 
     @classmethod
     def build(cls, processor) -> FastImagePreprocess | None:
@@ -76,15 +77,16 @@ class FastImagePreprocess:
             rng = np.random.default_rng(0)
             probes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((28, 28), (300, 451), (640, 480))]
             expected = processor(images=probes, return_tensors="np")["pixel_values"]
-            got = np.stack([fast(p) for p in probes])
+            got = fast.normalise([fast.pixels(p) for p in probes])
             if expected.shape != got.shape or float(np.abs(expected - got).max()) > 1e-3:
                 return None
         except Exception:  # any surprise: keep the processor
             return None
         return fast
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 array (3, height, width)."""
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array (3, height, width), resized and cropped: what `prepare` keeps per
+        request (a quarter of the float32 image's bytes; normalised only when its batch runs)."""
         width, height = image.size
         if self.fixed is not None:
             new_h, new_w = self.fixed
@@ -99,17 +101,24 @@ class FastImagePreprocess:
             ch, cw = self.crop
             top, left = int((new_h - ch) / 2.0), int((new_w - cw) / 2.0)
             pixels = pixels[top:top + ch, left:left + cw]
-        out = pixels.astype(np.float32)
-        out *= self.scale
-        out += self.shift
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def normalise(self, images: list[np.ndarray]) -> np.ndarray:
+        """uint8 arrays from `pixels` -> one float32 batch (n, 3, height, width), written in place: one
+        multiply and one add per image, on arrays that stay in the caches (a few small batches of the
+        runner at a time, not one large stack of float32 images: docs/performance.md, Serving)."""
+        out = np.empty((len(images), *images[0].shape), dtype=np.float32)
+        for row, image in zip(out, images, strict=True):
+            np.multiply(image, self.scale, out=row)
+            row += self.shift
+        return out
 
 
 class ImageClassificationRunner(ClassifierRunner):
     onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
-    # quantize=int8 leaves image models in float32: on the demo MobileNetV2 dynamic int8 lost 3.8 points
-    # and ran slower, static QDQ calibrated on the probe images lost 28 (docs/performance.md, ONNX Runtime).
-    onnx_int8 = False
+    # quantize=int8 for images is static, on calibration images: dynamic int8 (ConvInteger) lost 3-4 points
+    # on the demo MobileNetV2 and ran slower than float32 (docs/performance.md, ONNX Runtime).
+    onnx_int8 = "static"
 
     def __init__(self, model, image_processor):
         super().__init__(model)
@@ -120,7 +129,7 @@ class ImageClassificationRunner(ClassifierRunner):
     def prepare(self, payload):
         image, _params = payload
         image = image.convert("RGB")
-        return [self.fast(image) if self.fast is not None else image], 1
+        return [self.fast.pixels(image) if self.fast is not None else image], 1
 
     # On a CPU, convolutional networks run *slower per image* in large batches than in small ones
     # (docs/performance.md, Serving, items 5-6 and "The allocator"): a large batch's activations leave
@@ -132,17 +141,16 @@ class ImageClassificationRunner(ClassifierRunner):
     def pixel_values(self, images: list) -> torch.Tensor:
         """Prepared images (arrays from the fast path, or PIL images) -> one float batch on the model's device."""
         if self.fast is not None:
-            pixel_values = torch.from_numpy(np.stack(images))
+            pixel_values = torch.from_numpy(self.fast.normalise(images))
         else:
             pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixel_values.to(self.model.device, self.model.dtype)
 
     def run_batch(self, prepared: list[list[Any]], params: list[Any]) -> list[list[dict]]:
         images = [img for imgs in prepared for img in imgs]
-        pixel_values = self.pixel_values(images)
         step = self.CPU_IMAGES_PER_FORWARD if self.model.device.type == "cpu" else len(images)
         with torch.inference_mode():
-            logits = torch.cat([self.model(pixel_values=pixel_values[i:i + step]).logits
+            logits = torch.cat([self.model(pixel_values=self.pixel_values(images[i:i + step])).logits
                                 for i in range(0, len(images), step)])
         return self.finish_rows(logits.float().cpu(), list(params))
 
@@ -154,6 +162,12 @@ class ImageClassificationRunner(ClassifierRunner):
                   Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))]
         prepared = [self.prepare((image, None))[0][0] for image in images]
         return [{"pixel_values": self.pixel_values(prepared)}, {"pixel_values": self.pixel_values(prepared[:1])}]
+
+    def onnx_batches(self, images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        """Images (calibration for static int8) prepared as requests are, in the batches the model runs."""
+        prepared = [self.prepare((image, None))[0][0] for image in images]
+        step = self.CPU_IMAGES_PER_FORWARD
+        return [{"pixel_values": self.pixel_values(prepared[i:i + step])} for i in range(0, len(prepared), step)]
 
     def smoke(self):
         pixels = self.processor(images=[Image.new("RGB", (32, 32), (128, 128, 128))], return_tensors="pt")["pixel_values"]

@@ -10,6 +10,7 @@ import io
 import logging
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,7 +192,81 @@ def answers_for(runner, texts: list[str]) -> list[list[float]]:
     return [v for result in runner.run_batch(prepared, [params] * len(prepared)) for v in result.vectors]
 
 
-def test_image_models_stay_float32_under_int8(pristine_models, tmp_path):
+def fashion_pngs(count: int, split: str = "train") -> list[bytes]:
+    """Real Fashion-MNIST images (PNG bytes, 28x28 grayscale as stored), from `make assets`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(REPO / "assets" / "data" / "fashion_mnist" / f"{split}.parquet", columns=["image"])
+    return [row["bytes"] for row in table.slice(0, count).column("image").to_pylist()]
+
+
+def write_images(folder, pngs: list[bytes]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(pngs):
+        (folder / f"{i % 3}" / f"{i:03d}.png").parent.mkdir(exist_ok=True)  # an imagefolder's class folders
+        (folder / f"{i % 3}" / f"{i:03d}.png").write_bytes(png)
+    return folder
+
+
+def test_image_models_without_calibration_images_stay_float32_under_int8(pristine_models, tmp_path):
     folder = make_models_dir(pristine_models, tmp_path / "models", ["mobilenet"]) / "mobilenet"
     runner = load(folder, settings(tmp_path, quantize="int8"))
-    assert runner.backend.name == "onnx" and "int8 is not applied" in runner.backend.note
+    assert runner.backend.name == "onnx" and "needs calibration images (calibration_dir)" in runner.backend.note
+    runner = load(folder, settings(tmp_path, quantize="int8", calibration_dir=tmp_path / "calibration"))
+    assert runner.backend.name == "onnx"
+    assert runner.backend.note == f"no calibration images: {tmp_path / 'calibration' / 'mobilenet'} is not a folder: served in float32"
+
+
+def test_static_int8_image_model_on_calibration_images(pristine_models, tmp_path, caplog):
+    """quantize=int8 with calibration images: a statically quantized graph (int8 weights and activations,
+    the first convolution in float32) that keeps torch's answers; quantized once per calibration set."""
+    import onnx
+
+    folder = make_models_dir(pristine_models, tmp_path / "models", ["resnet"]) / "resnet"
+    images = write_images(tmp_path / "calibration" / "resnet", fashion_pngs(80))
+    (images / "notes.txt").write_text("not an image")
+    (images / "0" / "broken.png").write_bytes(b"\x89PNG not really")  # skipped with a log line
+    s = settings(tmp_path, quantize="int8", calibration_dir=tmp_path / "calibration")
+    with caplog.at_level(logging.INFO):
+        runner = load(folder, s)
+    assert runner.backend.name == "onnx-int8", runner.backend.note
+    assert "top label equal to float32 on" in runner.backend.note and "of 64 held-out images" in runner.backend.note
+    assert "calibration image" in caplog.text and "broken.png skipped" in caplog.text
+    graph = onnx.load(runner.backend.file).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    produced_by = {out: n.op_type for n in graph.node for out in n.output}
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= len(convs) - 1
+    assert produced_by.get(convs[0].input[0]) != "DequantizeLinear"  # the pixels reach the first conv in float32
+    assert all(produced_by.get(c.input[0]) == "DequantizeLinear" for c in convs[1:])
+
+    torch_runner = load(folder, settings(tmp_path, "torch"))
+    test = [Image.open(io.BytesIO(png)) for png in fashion_pngs(16, "test")]
+    expected, got = (r.run_batch([r.prepare((im, None))[0] for im in test], [ClassificationParameters()] * len(test))
+                     for r in (torch_runner, runner))
+    for want, have in zip(expected, got, strict=True):
+        assert {d["label"] for d in have} == {d["label"] for d in want}
+        scores = {d["label"]: d["score"] for d in have}
+        assert max(abs(scores[d["label"]] - d["score"]) for d in want) < 0.15
+
+    # A restart reads the quantized file and the check's verdict from the cache; new images, a new file.
+    written = Path(runner.backend.file).stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service.onnx"):
+        again = load(folder, s)
+    assert again.backend.file == runner.backend.file and Path(again.backend.file).stat().st_mtime_ns == written
+    assert again.backend.note == runner.backend.note and "quantized to int8" not in caplog.text
+    (images / "0" / "000.png").unlink()
+    other = load(folder, s)
+    assert other.backend.name == "onnx-int8" and other.backend.file != runner.backend.file
+
+
+def test_static_int8_that_changes_labels_is_not_served(pristine_models, tmp_path, monkeypatch):
+    """The label check refuses a quantized graph (here: a bar no graph can pass) and float32 serves."""
+    from service import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "INT8_MIN_LABEL_AGREEMENT", 1.01)
+    folder = make_models_dir(pristine_models, tmp_path / "models", ["mobilenet"]) / "mobilenet"
+    write_images(tmp_path / "calibration" / "mobilenet", fashion_pngs(60))
+    runner = load(folder, settings(tmp_path, quantize="int8", calibration_dir=tmp_path / "calibration"))
+    assert runner.backend.name == "onnx" and runner.backend.file.endswith("/model.onnx")
+    assert "of 48 held-out calibration images (< 101%): served in float32" in runner.backend.note

@@ -1,0 +1,72 @@
+"""Calibration images for static int8 quantization of image models (`quantize=int8` with
+`calibration_dir`): the images a deployment puts in `<calibration_dir>/<model name>/`, read once at
+load.
+
+Static quantization fixes each activation's int8 range ahead of time from real inputs, so the images
+must look like what the model will be sent (a few hundred from its training or validation data: any
+layout, an imagefolder's class sub-folders included). The server's own probe images (a gray square,
+noise) give ranges that lost 17-28 accuracy points on MobileNetV2 (docs/performance.md, ONNX Runtime).
+
+At most MAX_IMAGES files are used, spread evenly over the sorted list (an imagefolder sorted by class
+still gives every class), and split in two: every fifth calibrates (ranges need few images), the
+others are held out to check the quantized model against float32 (service/onnx_backend.py), where
+numbers matter: on the demo MobileNetV2, 64 held-out images once showed 98.4 % of float32's labels
+kept where 2,000 test images showed 91.7 %. Use images the model was not trained on. Files that are not a plain image
+of a sane size are skipped with one log line; the digest of the files used keys the quantized file in
+the ONNX cache, so another set of images gives another file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import ApiError
+from .images import decode_image
+
+log = logging.getLogger("service.calibration")
+MAX_IMAGES = 320  # 64 calibrate, 256 check
+MIN_IMAGES = 50  # fewer: too few to tell a 2 % label change from a 10 % one, the model stays float32
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MAX_PIXELS = 40_000_000
+
+
+@dataclass
+class CalibrationSet:
+    """Decoded RGB images: `calibrate` fixes the ranges, `check` is held out; `digest` names the files' contents."""
+
+    folder: Path
+    calibrate: list[Image.Image]
+    check: list[Image.Image]
+    digest: str
+
+
+def folder_for(calibration_dir: Path | None, model: str) -> Path | None:
+    """Where a model's calibration images are expected, or None when no calibration_dir is set."""
+    return None if calibration_dir is None else Path(calibration_dir).expanduser() / model
+
+
+def load(folder: Path) -> CalibrationSet | str:
+    """The calibration set in `folder`, or why there is none (a sentence for GET /models)."""
+    if not folder.is_dir():
+        return f"no calibration images: {folder} is not a folder"
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if len(files) > MAX_IMAGES:  # MAX_IMAGES spread evenly over the list
+        files = [files[i * len(files) // MAX_IMAGES] for i in range(MAX_IMAGES)]
+    digest, images = hashlib.sha256(), []
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            images.append(decode_image(raw, MAX_PIXELS))
+        except ApiError as exc:
+            log.warning("calibration image %s skipped: %s", path, exc.message)
+            continue
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + hashlib.sha256(raw).digest())
+    if len(images) < MIN_IMAGES:
+        return f"{len(images)} usable calibration images in {folder}, fewer than {MIN_IMAGES}"
+    return CalibrationSet(folder, images[0::5], [im for i, im in enumerate(images) if i % 5], digest.hexdigest()[:16])
