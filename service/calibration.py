@@ -33,6 +33,9 @@ MAX_IMAGES = 320  # 64 calibrate, 256 check
 MIN_IMAGES = 50  # fewer: too few to tell a 2 % label change from a 10 % one, the model stays float32
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000
+# Decoded images are kept until the model has seen them: larger ones are shrunk at once (aspect kept) so
+# that 320 camera photos cost about 200 MB, not 10 GB. Models read 224-518 pixels a side.
+MAX_SIDE = 640
 
 
 @dataclass
@@ -62,10 +65,12 @@ def load(folder: Path) -> CalibrationSet | str:
     for path in files:
         raw = path.read_bytes()
         try:
-            images.append(decode_image(raw, MAX_PIXELS))
+            image = decode_image(raw, MAX_PIXELS)
         except ApiError as exc:
             log.warning("calibration image %s skipped: %s", path, exc.message)
             continue
+        image.thumbnail((MAX_SIDE, MAX_SIDE))
+        images.append(image)
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + hashlib.sha256(raw).digest())
     if len(images) < MIN_IMAGES:
         return f"{len(images)} usable calibration images in {folder}, fewer than {MIN_IMAGES}"

@@ -34,6 +34,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,7 +159,7 @@ def quantize_int8(source: Path, target: Path) -> None:
                      op_types_to_quantize=["MatMul", "Gemm"])
 
 
-def quantize_int8_static(source: Path, target: Path, batches: list[dict[str, torch.Tensor]]) -> None:
+def quantize_int8_static(source: Path, target: Path, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     """Static int8 quantization of a convolutional network (ONNX Runtime's recipe for CNNs on CPU):
     QDQ format, int8 weights with one scale per output channel, uint8 activations whose ranges are
     fixed from `batches` (real images: service/calibration.py).
@@ -173,7 +174,7 @@ def quantize_int8_static(source: Path, target: Path, batches: list[dict[str, tor
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{k: v.cpu().numpy() for k, v in b.items()} for b in batches])
+            self.items = ({k: v.cpu().numpy() for k, v in b.items()} for b in batches)
 
         def get_next(self):
             return next(self.items, None)
@@ -187,7 +188,8 @@ def quantize_int8_static(source: Path, target: Path, batches: list[dict[str, tor
                         nodes_to_exclude=[first_conv] if first_conv else [])
 
 
-def label_agreement(candidate: OnnxModel, reference: OnnxModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+def label_agreement(candidate: OnnxModel, reference: OnnxModel,
+                    batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """(share of inputs whose top label is the same under both classifiers, largest class probability difference)."""
     same = total = 0
     worst = 0.0

@@ -4,6 +4,7 @@ across requests (Inference API shape; `InferenceClient.image_classification`).""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,13 @@ class ImageClassificationRunner(ClassifierRunner):
         prepared = [self.prepare((image, None))[0][0] for image in images]
         return [{"pixel_values": self.pixel_values(prepared)}, {"pixel_values": self.pixel_values(prepared[:1])}]
 
-    def onnx_batches(self, images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
-        """Images (calibration for static int8) prepared as requests are, in the batches the model runs."""
-        prepared = [self.prepare((image, None))[0][0] for image in images]
+    def onnx_batches(self, images: list[Image.Image]) -> Iterator[dict[str, torch.Tensor]]:
+        """Images (calibration for static int8) prepared as requests are, in the batches the model runs;
+        made one batch at a time, so that a few hundred large inputs never sit in memory at once."""
         step = self.CPU_IMAGES_PER_FORWARD
-        return [{"pixel_values": self.pixel_values(prepared[i:i + step])} for i in range(0, len(prepared), step)]
+        for i in range(0, len(images), step):
+            prepared = [self.prepare((image, None))[0][0] for image in images[i:i + step]]
+            yield {"pixel_values": self.pixel_values(prepared)}
 
     def smoke(self):
         pixels = self.processor(images=[Image.new("RGB", (32, 32), (128, 128, 128))], return_tensors="pt")["pixel_values"]

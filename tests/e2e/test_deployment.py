@@ -68,6 +68,7 @@ SERVER_ENV = [
     "HF_SERVE_BACKEND",
     "HF_SERVE_QUANTIZE",
     "HF_SERVE_ONNX_CACHE",
+    "HF_SERVE_CALIBRATION_DIR",
 ]
 # Fixed inside the container: the image's layout decides them, not the user.
 CONTAINER_FIXED = {"HF_SERVE_MODELS_DIR": "/app/models", "HF_SERVE_HOST": "0.0.0.0",
@@ -75,7 +76,8 @@ CONTAINER_FIXED = {"HF_SERVE_MODELS_DIR": "/app/models", "HF_SERVE_HOST": "0.0.0
 # No value in the compose file: passed through from the user's shell or .env when set, and
 # absent otherwise, so the server's own "unset" meaning applies (auth off, no CORS, torch's
 # thread default). Everything else has a `${VAR:-default}`.
-PASS_THROUGH = {"HF_SERVE_API_KEY", "HF_SERVE_CORS_ORIGINS", "HF_SERVE_TORCH_THREADS", "HF_SERVE_MAX_BATCH_SIZE"}
+PASS_THROUGH = {"HF_SERVE_API_KEY", "HF_SERVE_CORS_ORIGINS", "HF_SERVE_TORCH_THREADS", "HF_SERVE_MAX_BATCH_SIZE",
+                "HF_SERVE_CALIBRATION_DIR"}
 
 INSTALL_HINT = "install the project's dev extra: pip install -e '.[dev]'"
 

@@ -47,3 +47,13 @@ def test_images_are_spread_over_the_folder_and_split(tmp_path):
     assert calibration.load(tmp_path).digest == found.digest
     (tmp_path / "class0" / "000.png").write_bytes(png(5))
     assert calibration.load(tmp_path).digest != found.digest
+
+
+def test_large_images_are_shrunk_when_read(tmp_path):
+    for i in range(calibration.MIN_IMAGES):
+        size = (3000, 2000) if i == 0 else (10, 12)
+        Image.new("RGB", size, (i, 2 * i, 3 * i)).save(tmp_path / f"{i:02d}.jpg")
+    found = calibration.load(tmp_path)
+    big = found.calibrate[0]  # the first file
+    assert big.size == (calibration.MAX_SIDE, round(calibration.MAX_SIDE * 2 / 3))  # aspect kept
+    assert all(im.size == (10, 12) for im in found.calibrate[1:] + found.check)
