@@ -3,17 +3,18 @@
 load.
 
 Static quantization fixes each activation's int8 range ahead of time from real inputs, so the images
-must look like what the model will be sent (a few hundred from its training or validation data: any
-layout, an imagefolder's class sub-folders included). The server's own probe images (a gray square,
-noise) give ranges that lost 17-28 accuracy points on MobileNetV2 (docs/performance.md, ONNX Runtime).
+must look like what the model will be sent: a few hundred it was not trained on (a validation split;
+any layout, an imagefolder's class sub-folders included). The server's own probe images (a gray
+square, noise) give ranges that lost 17-28 accuracy points on MobileNetV2 (docs/performance.md, ONNX
+Runtime).
 
 At most MAX_IMAGES files are used, spread evenly over the sorted list (an imagefolder sorted by class
 still gives every class), and split in two: every fifth calibrates (ranges need few images), the
 others are held out to check the quantized model against float32 (service/onnx_backend.py), where
 numbers matter: on the demo MobileNetV2, 64 held-out images once showed 98.4 % of float32's labels
-kept where 2,000 test images showed 91.7 %. Use images the model was not trained on. Files that are not a plain image
-of a sane size are skipped with one log line; the digest of the files used keys the quantized file in
-the ONNX cache, so another set of images gives another file.
+kept where 2,000 test images showed 91.7 %. Files that are not a plain image of a sane size are
+skipped with one log line; the digest of the files used keys the quantized file in the ONNX cache, so
+another set of images gives another file.
 """
 
 from __future__ import annotations
