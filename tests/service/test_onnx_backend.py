@@ -270,3 +270,19 @@ def test_static_int8_that_changes_labels_is_not_served(pristine_models, tmp_path
     runner = load(folder, settings(tmp_path, quantize="int8", calibration_dir=tmp_path / "calibration"))
     assert runner.backend.name == "onnx" and runner.backend.file.endswith("/model.onnx")
     assert "of 48 held-out calibration images (< 101%): served in float32" in runner.backend.note
+
+
+def test_static_int8_that_fails_leaves_float32_serving(pristine_models, tmp_path, monkeypatch):
+    """A graph the quantizer cannot take (here: it raises) costs int8, not the ONNX backend."""
+    from service import onnx_backend
+
+    def cannot(*args, **kwargs):
+        raise ValueError("unsupported op")
+
+    monkeypatch.setattr(onnx_backend, "quantize_int8_static", cannot)
+    folder = make_models_dir(pristine_models, tmp_path / "models", ["resnet"]) / "resnet"
+    write_images(tmp_path / "calibration" / "resnet", fashion_pngs(60))
+    runner = load(folder, settings(tmp_path, quantize="int8", calibration_dir=tmp_path / "calibration"))
+    assert runner.backend.name == "onnx"
+    assert runner.backend.note == "static int8 failed (ValueError: unsupported op): served in float32"
+    assert not list((tmp_path / "onnx-cache").glob("*/model.int8-static-*"))  # nothing half-written left
