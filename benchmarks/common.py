@@ -291,21 +291,19 @@ def rt_sentences(split: str = "test", n: int | None = None) -> list[str]:
 def fashion_calibration(folder: Path, n: int = 320) -> Path:
     """`folder` filled with n Fashion-MNIST *training* images (PNG, spread over the set; the test images
     are what the benchmarks send and score): the calibration images of HF_SERVE_CALIBRATION_DIR."""
-    import pyarrow.parquet as pq
-
     if len(list(folder.glob("*.png"))) >= n:
         return folder
-    table = pq.read_table(FASHION_DIR / "train.parquet", columns=["image"])
-    rows = table.column("image").to_pylist()[::table.num_rows // n][:n]
     folder.mkdir(parents=True, exist_ok=True)
-    for i, row in enumerate(rows):
-        (folder / f"{i:04d}.png").write_bytes(row["bytes"])
+    for i, png in enumerate(fashion_png(n, split="train", spread=True)):
+        (folder / f"{i:04d}.png").write_bytes(png)
     return folder
 
 
-def fashion_png(n: int) -> list[bytes]:
-    """The first n Fashion-MNIST test images as PNG bytes (28x28 grayscale, as stored)."""
+def fashion_png(n: int, split: str = "test", spread: bool = False) -> list[bytes]:
+    """n Fashion-MNIST images of `split` as PNG bytes (28x28 grayscale, as stored): the first n, or with
+    `spread` n spread evenly over the split."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(FASHION_DIR / "test.parquet", columns=["image"]).slice(0, n)
-    return [row["bytes"] for row in table.column("image").to_pylist()]
+    table = pq.read_table(FASHION_DIR / f"{split}.parquet", columns=["image"])
+    rows = table.column("image").to_pylist()[::table.num_rows // n] if spread else table.slice(0, n).column("image").to_pylist()
+    return [row["bytes"] for row in rows[:n]]

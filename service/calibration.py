@@ -13,8 +13,8 @@ still gives every class), and split in two: every fifth calibrates (ranges need 
 others are held out to check the quantized model against float32 (service/onnx_backend.py), where
 numbers matter: on the demo MobileNetV2, 64 held-out images once showed 98.4 % of float32's labels
 kept where 2,000 test images showed 91.7 %. Files that are not a plain image of a sane size are
-skipped with one log line; the digest of the files used keys the quantized file in the ONNX cache, so
-another set of images gives another file.
+skipped with one log line when decoded; the digest of the files' contents keys the quantized file in
+the ONNX cache, so another set of images gives another file.
 """
 
 from __future__ import annotations
@@ -49,30 +49,54 @@ class CalibrationSet:
     digest: str
 
 
+@dataclass
+class CalibrationFiles:
+    """The files a calibration set is made of, and the digest of their contents (read, not decoded:
+    a restart that finds the quantized file and its verdict in the cache decodes nothing)."""
+
+    folder: Path
+    files: list[Path]
+    digest: str
+
+    def decode(self) -> CalibrationSet | str:
+        """The images, split into the calibration and held-out sets, or why there are too few."""
+        images = []
+        for path in self.files:
+            try:
+                image = decode_image(path.read_bytes(), MAX_PIXELS)
+            except ApiError as exc:
+                log.warning("calibration image %s skipped: %s", path, exc.message)
+                continue
+            image.thumbnail((MAX_SIDE, MAX_SIDE))
+            images.append(image)
+        if len(images) < MIN_IMAGES:
+            return f"{len(images)} usable calibration images in {self.folder}, fewer than {MIN_IMAGES}"
+        return CalibrationSet(self.folder, images[0::5], [im for i, im in enumerate(images) if i % 5], self.digest)
+
+
 def folder_for(calibration_dir: Path | None, model: str) -> Path | None:
     """Where a model's calibration images are expected, or None when no calibration_dir is set."""
     return None if calibration_dir is None else Path(calibration_dir).expanduser() / model
 
 
-def load(folder: Path) -> CalibrationSet | str:
-    """The calibration set in `folder`, or why there is none (a sentence for GET /models)."""
+def find(folder: Path) -> CalibrationFiles | str:
+    """The calibration files in `folder` (MAX_IMAGES at most, spread over the sorted list), or why there
+    are none (a sentence for GET /models)."""
     if not folder.is_dir():
         return f"no calibration images: {folder} is not a folder"
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if len(files) > MAX_IMAGES:  # MAX_IMAGES spread evenly over the list
         files = [files[i * len(files) // MAX_IMAGES] for i in range(MAX_IMAGES)]
-    digest, images = hashlib.sha256(), []
+    if len(files) < MIN_IMAGES:
+        return f"{len(files)} calibration image files in {folder}, fewer than {MIN_IMAGES}"
+    digest = hashlib.sha256()
     for path in files:
-        raw = path.read_bytes()
-        try:
-            image = decode_image(raw, MAX_PIXELS)
-        except ApiError as exc:
-            log.warning("calibration image %s skipped: %s", path, exc.message)
-            continue
-        image.thumbnail((MAX_SIDE, MAX_SIDE))
-        images.append(image)
-        digest.update(str(path.relative_to(folder)).encode() + b"\0" + hashlib.sha256(raw).digest())
-    if len(images) < MIN_IMAGES:
-        return f"{len(images)} usable calibration images in {folder}, fewer than {MIN_IMAGES}"
-    return CalibrationSet(folder, images[0::5], [im for i, im in enumerate(images) if i % 5], digest.hexdigest()[:16])
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return CalibrationFiles(folder, files, digest.hexdigest()[:16])
+
+
+def load(folder: Path) -> CalibrationSet | str:
+    """The decoded calibration set in `folder`, or why there is none."""
+    found = find(folder)
+    return found if isinstance(found, str) else found.decode()

@@ -333,32 +333,30 @@ def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Ba
                 with onnx_cache.atomic_file(target) as tmp:
                     quantize_int8(fp32, tmp)
         onnx_model = OnnxModel(session(target, threads), model.config, output)
-
-        def file(p: Path) -> str | None:  # what GET /models shows: a cached file, not a scratch one
-            return str(p) if folder != Path(scratch) else None
-
+        cached = folder != Path(scratch)  # GET /models shows a cached file, not a scratch one
         error, ok = disagreement(onnx_model, model, probes, output, int8 == "dynamic")
         name = "onnx-int8" if int8 == "dynamic" else "onnx"
         if not ok:
             what = ("largest probability or cosine difference" if int8 == "dynamic" else "max abs difference")
             return Backend("torch", note=f"{name} disagrees with torch on the probe inputs ({what} {error:.3g})",
-                           file=file(target), exporter=exporter, max_error=error), None
-        backend = Backend(name, file=file(target), exporter=exporter, max_error=error)
+                           file=str(target) if cached else None, exporter=exporter, max_error=error), None
+        backend = Backend(name, file=str(target) if cached else None, exporter=exporter, max_error=error)
         if int8 == "static":
             try:
-                backend, onnx_model = _static_int8(runner, onnx_model, backend, folder, file, path.name, settings,
+                backend, onnx_model = _static_int8(runner, onnx_model, backend, folder, cached, path.name, settings,
                                                    threads)
             except Exception as exc:  # an op the quantizer or its calibration cannot take: float32 still serves
                 backend.note = f"static int8 failed ({type(exc).__name__}: {str(exc)[:200]}): served in float32"
     return backend, onnx_model
 
 
-def _static_int8(runner, fp32_model: OnnxModel, fp32: Backend, folder: Path, file, name: str, settings: Settings,
-                 threads: int) -> tuple[Backend, OnnxModel]:
+def _static_int8(runner, fp32_model: OnnxModel, fp32: Backend, folder: Path, cached: bool, name: str,
+                 settings: Settings, threads: int) -> tuple[Backend, OnnxModel]:
     """The float32 session (already checked against torch) replaced by a statically quantized one when
     the model has calibration images and the held-out ones do not show the int8 graph keeping
     float32's top label on fewer than INT8_MIN_LABEL_AGREEMENT of inputs; else float32 stays, with a
-    note saying why."""
+    note saying why. The quantized file and the check's verdict are cached under the images' digest:
+    a restart that finds both decodes no image and runs no check."""
     from . import calibration
 
     where = calibration.folder_for(settings.calibration_dir, name)
@@ -366,35 +364,44 @@ def _static_int8(runner, fp32_model: OnnxModel, fp32: Backend, folder: Path, fil
         fp32.note = ("int8 for image models needs calibration images (calibration_dir): served in float32 "
                      "(docs/performance.md, ONNX Runtime)")
         return fp32, fp32_model
-    images = calibration.load(where)
-    if isinstance(images, str):
-        fp32.note = f"{images}: served in float32"
+    found = calibration.find(where)
+    if isinstance(found, str):
+        fp32.note = f"{found}: served in float32"
         return fp32, fp32_model
-    target = folder / f"model.int8-static-{images.digest}.onnx"
-    if not target.is_file():
-        with onnx_cache.atomic_file(target) as tmp:
-            quantize_int8_static(folder / "model.onnx", tmp, runner.onnx_batches(images.calibrate))
-        log.info("model %s: quantized to int8 on %d calibration images of %s", name, len(images.calibrate), where)
-    int8_model = OnnxModel(session(target, threads), fp32_model.config, fp32_model.output)
-    # The check costs a few seconds (ResNet-50: about 25 s); its verdict is kept beside the file it is about.
+    target = folder / f"model.int8-static-{found.digest}.onnx"
     verdict = target.with_suffix(".check.json")
+    int8_model = None
     try:
-        checked = json.loads(verdict.read_text())
-        agreement, error = float(checked["label_agreement"]), float(checked["max_probability_difference"])
+        checked = json.loads(verdict.read_text()) if target.is_file() else None  # None: no verdict to use
+        agreement, error, held_out = (float(checked["label_agreement"]), float(checked["max_probability_difference"]),
+                                      int(checked["held_out_images"]))
     except (OSError, ValueError, KeyError, TypeError):
+        images = found.decode()
+        if isinstance(images, str):
+            fp32.note = f"{images}: served in float32"
+            return fp32, fp32_model
+        if not target.is_file():
+            with onnx_cache.atomic_file(target) as tmp:
+                quantize_int8_static(folder / "model.onnx", tmp, runner.onnx_batches(images.calibrate))
+            log.info("model %s: quantized to int8 on %d calibration images of %s", name, len(images.calibrate), where)
+        int8_model = OnnxModel(session(target, threads), fp32_model.config, fp32_model.output)
+        # The check costs a few seconds (ResNet-50: about 25 s); its verdict is kept beside the file it is about.
         agreement, error = label_agreement(int8_model, fp32_model, runner.onnx_batches(images.check))
-        if file(target) is not None:
+        held_out = len(images.check)
+        if cached:
             with onnx_cache.atomic_file(verdict) as tmp:
                 tmp.write_text(json.dumps({"label_agreement": agreement, "max_probability_difference": error,
-                                           "held_out_images": len(images.check)}))
-    if agreement_upper_bound(agreement, len(images.check)) < INT8_MIN_LABEL_AGREEMENT:
-        fp32.note = (f"static int8 kept the float32 top label on {agreement:.1%} of {len(images.check)} held-out "
+                                           "held_out_images": held_out}))
+    if agreement_upper_bound(agreement, held_out) < INT8_MIN_LABEL_AGREEMENT:
+        fp32.note = (f"static int8 kept the float32 top label on {agreement:.1%} of {held_out} held-out "
                      f"calibration images, fewer than {INT8_MIN_LABEL_AGREEMENT:.0%} at 95 % confidence: served in float32")
         return fp32, fp32_model
-    note = (f"static int8 calibrated on {where}; top label equal to float32 on {agreement:.1%} of {len(images.check)} "
-            f"held-out images")
+    if int8_model is None:
+        int8_model = OnnxModel(session(target, threads), fp32_model.config, fp32_model.output)
+    note = f"static int8 calibrated on {where}; top label equal to float32 on {agreement:.1%} of {held_out} held-out images"
     # max_error: the largest class probability difference to float32 on the held-out images
-    return Backend("onnx-int8", note=note, file=file(target), exporter=fp32.exporter, max_error=error), int8_model
+    return (Backend("onnx-int8", note=note, file=str(target) if cached else None, exporter=fp32.exporter,
+                    max_error=error), int8_model)
 
 
 def describe(backend: Backend | None) -> dict[str, Any]:

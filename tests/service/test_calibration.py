@@ -20,11 +20,16 @@ def png(seed: int) -> bytes:
 def test_no_folder_and_too_few_images_are_reasons(tmp_path):
     assert calibration.folder_for(None, "m") is None
     assert calibration.load(tmp_path / "absent") == f"no calibration images: {tmp_path / 'absent'} is not a folder"
+    few, broken = tmp_path / "few", tmp_path / "broken"
+    few.mkdir()
+    (few / "a.png").write_bytes(png(0))
+    assert calibration.load(few) == f"1 calibration image files in {few}, fewer than {calibration.MIN_IMAGES}"
+    broken.mkdir()  # enough files, one of which is not an image: too few once decoded
     for i in range(calibration.MIN_IMAGES - 1):
-        (tmp_path / f"{i}.png").write_bytes(png(i))
-    (tmp_path / "x.png").write_bytes(b"not a png")
-    assert calibration.load(tmp_path) == (f"{calibration.MIN_IMAGES - 1} usable calibration images in {tmp_path}, "
-                                          f"fewer than {calibration.MIN_IMAGES}")
+        (broken / f"{i}.png").write_bytes(png(i))
+    (broken / "x.png").write_bytes(b"not a png")
+    assert calibration.load(broken) == (f"{calibration.MIN_IMAGES - 1} usable calibration images in {broken}, "
+                                        f"fewer than {calibration.MIN_IMAGES}")
 
 
 def test_images_are_spread_over_the_folder_and_split(tmp_path):

@@ -251,10 +251,11 @@ def test_static_int8_image_model_on_calibration_images(pristine_models, tmp_path
     # A restart reads the quantized file and the check's verdict from the cache; new images, a new file.
     written = Path(runner.backend.file).stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="service.onnx"):
+    with caplog.at_level(logging.INFO):
         again = load(folder, s)
     assert again.backend.file == runner.backend.file and Path(again.backend.file).stat().st_mtime_ns == written
     assert again.backend.note == runner.backend.note and "quantized to int8" not in caplog.text
+    assert "broken.png skipped" not in caplog.text  # no image decoded: the cached verdict stands
     (images / "0" / "000.png").unlink()
     other = load(folder, s)
     assert other.backend.name == "onnx-int8" and other.backend.file != runner.backend.file
