@@ -92,9 +92,10 @@ models/mpnet-sentiment/all_results.json: training/recipes/mpnet-sentiment.yaml
 bench: bench-serving bench-generation bench-adapters bench-training bench-quality bench-onnx bench-soak bench-allocator
 
 # MiniLM, MPNet, MobileNetV2, ResNet-50 (+ bert-base, GPT-2): ours (torch, and ONNX int8) vs the docs' tutorial
-# server and a naive one, 1/8/32/64 clients, 3 interleaved repetitions.
+# server and a naive one, 1/8/32/64 clients, 3 interleaved repetitions. The torch.compile arm (docs/performance.md):
+# BENCH_SERVING_FLAGS="--models resnet-50,minilm-demo,mobilenet-v2 --concurrency 1,32 --servers tutorial,ours,ours-compile"
 bench-serving: install assets demo-train assets-mpnet
-	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/serving.py $(BENCH_SERVING_FLAGS)
 
 bench-generation: install assets
 	$(PY) benchmarks/generation.py

@@ -228,7 +228,9 @@ class Server:
                 fashion_calibration(WORK / "calibration" / name)
         if kind == "ours-bf16":  # ours with bfloat16 weights: native on CPUs with AMX or AVX-512 BF16
             env.update(HF_SERVE_DTYPE="bfloat16")
-        if kind in ("ours", "before", "ours-onnx", "ours-bf16"):
+        if kind == "ours-compile":  # ours with torch.compile (float32, compiled at load)
+            env.update(HF_SERVE_BACKEND="torch-compile")
+        if kind in ("ours", "before", "ours-onnx", "ours-bf16", "ours-compile"):
             models_dir = WORK / "serve" / name
             models_dir.mkdir(parents=True, exist_ok=True)
             link = models_dir / name
@@ -814,7 +816,8 @@ def main(argv=None) -> int:
                         help="classification servers, in the order each level runs them (default: tutorial,naive,ours,"
                              "ours-onnx, and ours-bf16 where the CPU has native bf16; ours must be among them; "
                              "naive is optional: the older ratios use it; ours-onnx: ours with HF_SERVE_BACKEND=onnx, "
-                             "HF_SERVE_QUANTIZE=int8; ours-bf16: ours with HF_SERVE_DTYPE=bfloat16; before: ours from "
+                             "HF_SERVE_QUANTIZE=int8; ours-bf16: ours with HF_SERVE_DTYPE=bfloat16; ours-compile: ours with "
+                             "HF_SERVE_BACKEND=torch-compile; before: ours from "
                              "BENCH_BEFORE_DIR's service/)")
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
                         help="load client: raw (a minimal keep-alive HTTP/1.1 client, little CPU) or httpx.AsyncClient "

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .backends import select as select_backend
 from .folders import FolderInfo, InvalidFolder, read_adapter
 from .settings import Settings
 
@@ -44,24 +45,8 @@ def load_runner(path: Path, info: FolderInfo, settings: Settings) -> Any:
     except ValueError as exc:  # a runner that refuses its model (e.g. no pad token): the folder's fault
         raise InvalidFolder(str(exc)) from None
     smoke_test(runner)
-    if settings.backend == "onnx":
-        select_onnx(runner, path, info, settings)
+    select_backend(runner, path, info, settings)
     return runner
-
-
-def select_onnx(runner, path: Path, info: FolderInfo, settings: Settings) -> None:
-    """backend=onnx: move the runner onto ONNX Runtime (service/onnx_backend.py), or say in one log line
-    why it stays on torch. `runner.backend` records which (GET /models shows it)."""
-    from .onnx_backend import use_onnx
-
-    backend = use_onnx(runner, path, info, settings)
-    runner.backend = backend
-    if backend.name == "torch":
-        log.warning("model %s: served by torch, not ONNX Runtime: %s", path.name, backend.note)
-        return
-    smoke_test(runner)  # the same finite-output rule as on torch
-    log.info("model %s: served by ONNX Runtime (%s, max difference to torch %.2g%s)", path.name, backend.name,
-             backend.max_error, f"; {backend.note}" if backend.note else "")
 
 
 def _from_pretrained(model_cls, source, settings: Settings, local: bool, **kwargs):

@@ -1,7 +1,7 @@
 """The ONNX Runtime backend (`backend=onnx`): a loaded torch runner's model swapped for an ONNX
 Runtime session of the same model, exported once per folder version (service/onnx_cache.py).
 
-A runner that can run on ONNX Runtime says so with two attributes: `onnx_output` (the name of the
+A runner that can run on ONNX Runtime says so with two attributes: `model_output` (the name of the
 model output it reads: `logits`, `last_hidden_state`) and `onnx_probe()` (a few input batches of
 different shapes, padded as the runner pads them). Everything around the forward pass (tokenizing,
 padding, sub-batching, pooling, softmax, ranking) stays the runner's own code: `OnnxModel` takes
@@ -36,15 +36,14 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import onnx_cache
+from .backends import Backend
 from .folders import FolderInfo, read_adapter
 from .settings import Settings
 
@@ -63,21 +62,6 @@ INT8_MIN_LABEL_AGREEMENT = 0.98
 INT8_CHECK_Z = 1.645  # one-sided 95 %
 # Missing inputs the graph has (a smoke test that sends only input_ids): what the model assumes.
 _DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
-
-
-@dataclass
-class Backend:
-    """Which runtime serves a model, and why (what GET /models shows)."""
-
-    name: str  # torch | onnx | onnx-int8
-    note: str | None = None  # why torch when onnx was asked for; or the export it runs
-    file: str | None = None
-    exporter: str | None = None
-    max_error: float | None = None  # largest disagreement with torch on the probe inputs
-    seconds: float | None = None  # export (or cache read) + check
-
-
-TORCH = Backend("torch")
 
 
 class ExportMismatch(RuntimeError):
@@ -229,23 +213,26 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def disagreement(onnx_model: OnnxModel, torch_model, probes: list[dict[str, torch.Tensor]], output: str,
-                 int8: bool) -> tuple[float, bool]:
-    """(largest error over the probes, whether it is within tolerance). Padded positions of a
-    per-token output are not compared (the runner never reads them)."""
+def disagreement(candidate, torch_model, probes: list[dict[str, torch.Tensor]], output: str,
+                 int8: bool, scale: float = 1.0) -> tuple[float, bool]:
+    """(largest error over the probes, whether it is within tolerance) of `candidate` (an ONNX graph, or
+    a compiled model: service/compiled_backend.py) against the eager torch model; `scale` widens the
+    float tolerance for half-precision models. Padded positions of a per-token output are not compared
+    (the runner never reads them)."""
     worst, ok = 0.0, True
     for batch in probes:
         with torch.inference_mode():
             ref = getattr(torch_model(**batch), output).float().cpu().numpy()
         try:
-            got = getattr(onnx_model(**batch), output).numpy()
+            with torch.inference_mode():
+                got = getattr(candidate(**batch), output).float().cpu().numpy()
         except Exception as exc:  # e.g. a shape the tracer baked in: the graph fails on other lengths
             raise ExportMismatch(f"the exported model fails on a probe batch of shape "
                                  f"{tuple(next(iter(batch.values())).shape)}: {str(exc)[:200]}") from None
         if got.shape != ref.shape or not np.isfinite(got).all():
             return float("inf"), False
         if ref.ndim == 3 and "attention_mask" in batch:
-            mask = batch["attention_mask"].numpy().astype(bool)
+            mask = batch["attention_mask"].cpu().numpy().astype(bool)
             ref, got = ref[mask], got[mask]
         if int8 and ref.ndim == 2:  # logits: what the caller sees are the probabilities
             error = float(np.abs(_softmax(got) - _softmax(ref)).max())
@@ -255,7 +242,7 @@ def disagreement(onnx_model: OnnxModel, torch_model, probes: list[dict[str, torc
             ok = ok and error <= INT8_MAX_COSINE_DISTANCE
         else:
             error = float(np.abs(got - ref).max())
-            ok = ok and error <= FP32_ATOL + FP32_RTOL * float(np.abs(ref).max())
+            ok = ok and error <= scale * (FP32_ATOL + FP32_RTOL * float(np.abs(ref).max()))
         worst = max(worst, error)
     return worst, ok
 
@@ -308,7 +295,7 @@ def use_onnx(runner, path: Path, info: FolderInfo, settings: Settings) -> Backen
 
 
 def _build(runner, path: Path, info: FolderInfo, settings: Settings) -> tuple[Backend, OnnxModel | None]:
-    model, output = runner.model, runner.onnx_output
+    model, output = runner.model, runner.model_output
     probes = runner.onnx_probe()
     # How int8 applies to this runner: "dynamic" (text: weights only), "static" (images: calibrated) or None.
     int8 = getattr(runner, "onnx_int8", "dynamic") if settings.quantize == "int8" else None
@@ -402,9 +389,3 @@ def _static_int8(runner, fp32_model: OnnxModel, fp32: Backend, folder: Path, cac
     # max_error: the largest class probability difference to float32 on the held-out images
     return (Backend("onnx-int8", note=note, file=str(target) if cached else None, exporter=fp32.exporter,
                     max_error=error), int8_model)
-
-
-def describe(backend: Backend | None) -> dict[str, Any]:
-    """The backend fields of GET /models."""
-    backend = backend or TORCH
-    return {"backend": backend.name, "backend_note": backend.note}

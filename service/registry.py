@@ -22,11 +22,11 @@ from typing import Any
 
 from . import torch_thread
 from .adapters import unload
+from .backends import describe as describe_backend
 from .errors import ModelNotFound, ModelUnavailable
 from .folders import FolderInfo, InvalidFolder, folder_signature, inspect_folder, is_candidate
 from .loading import load_runner
 from .metrics import Metrics
-from .onnx_backend import describe as describe_backend
 from .settings import Settings
 from .tasks import TASKS
 

@@ -98,10 +98,15 @@ class Embeddings:
 
 class FeatureExtractionRunner:
     labels = None
-    onnx_output = "last_hidden_state"  # backend=onnx: the encoder runs there, pooling stays here
+    model_output = "last_hidden_state"  # backend=onnx: the encoder runs there, pooling stays here
 
     def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
         return self.encoder.probe_batches()
+
+    compile_dynamic = True  # backend=torch-compile: any batch of any length, one graph
+
+    def compile_batches(self) -> list[dict[str, torch.Tensor]]:
+        return self.encoder.compile_batches()
 
     def __init__(self, model, tokenizer, settings: Settings, pooling: str, max_seq_length: int | None,
                  prompts: dict[str, str]):

@@ -116,7 +116,7 @@ class FastImagePreprocess:
 
 
 class ImageClassificationRunner(ClassifierRunner):
-    onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
+    model_output = "logits"  # backend=onnx (service/onnx_backend.py)
     # quantize=int8 for images is static, on calibration images: dynamic int8 (ConvInteger) lost 3-4 points
     # on the demo MobileNetV2 and ran slower than float32 (docs/performance.md, ONNX Runtime).
     onnx_int8 = "static"
@@ -163,6 +163,21 @@ class ImageClassificationRunner(ClassifierRunner):
                   Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))]
         prepared = [self.prepare((image, None))[0][0] for image in images]
         return [{"pixel_values": self.pixel_values(prepared)}, {"pixel_values": self.pixel_values(prepared[:1])}]
+
+    @property
+    def compile_dynamic(self) -> bool:
+        """backend=torch-compile: static shapes on a CPU, one graph per sub-batch size (dynamic sizes
+        lose oneDNN's prepacked convolutions: service/compiled_backend.py); dynamic on a GPU."""
+        return self.model.device.type != "cpu"
+
+    def compile_batches(self) -> list[dict[str, torch.Tensor]]:
+        """One batch of each size the model is fed: 1 to CPU_IMAGES_PER_FORWARD images on a CPU; on a
+        GPU one and two (dynamo's graphs for a batch of one and for any other size)."""
+        rng = np.random.default_rng(0)
+        images = [self.prepare((Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), None))[0][0]
+                  for h, w in ((300, 451), (64, 48), (224, 224), (500, 375))]
+        sizes = range(1, self.CPU_IMAGES_PER_FORWARD + 1) if not self.compile_dynamic else (1, 2)
+        return [{"pixel_values": self.pixel_values(images[:n])} for n in sizes]
 
     def onnx_batches(self, images: list[Image.Image]) -> Iterator[dict[str, torch.Tensor]]:
         """Images (calibration for static int8) prepared as requests are, in the batches the model runs;

@@ -25,7 +25,7 @@ class TextClassificationRequest(StrictBody):
 
 
 class TextClassificationRunner(ClassifierRunner):
-    onnx_output = "logits"  # backend=onnx (service/onnx_backend.py)
+    model_output = "logits"  # backend=onnx (service/onnx_backend.py)
 
     def __init__(self, model, tokenizer, settings: Settings):
         super().__init__(model)
@@ -44,6 +44,11 @@ class TextClassificationRunner(ClassifierRunner):
 
     def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
         return self.encoder.probe_batches()
+
+    compile_dynamic = True  # backend=torch-compile: any batch of any length, one graph
+
+    def compile_batches(self) -> list[dict[str, torch.Tensor]]:
+        return self.encoder.compile_batches()
 
     def smoke(self):
         ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"][:, :8]

@@ -105,6 +105,17 @@ class TextEncoder:
         encodings = [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
         return [self.pad(encodings), self.pad(encodings[:1])]
 
+    def compile_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Batches of every shape the compiled model must have a graph for before it serves
+        (service/compiled_backend.py): several inputs and one, of several tokens, and, where the
+        tokenizer adds no special tokens (so that a one-token input can come), of one token."""
+        encodings = [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
+        batches = [self.pad(encodings), self.pad(encodings[:1])]
+        if len(self.tokenizer("")["input_ids"]) <= 1:
+            one_token = [{k: v[:1] for k, v in e.items()} for e in encodings[:2]]
+            batches += [self.pad(one_token), self.pad(one_token[:1])]
+        return [{k: v.to(self.model.device) for k, v in batch.items()} for batch in batches]
+
     def forward_rows(self, flat: list[dict], forward) -> list[torch.Tensor]:
         """`forward(batch) -> tensor (rows, ...)` over each chunk; one output row per input, in order."""
         device = self.model.device
