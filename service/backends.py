@@ -13,7 +13,7 @@ from typing import Any
 from .folders import FolderInfo
 from .settings import Settings
 
-log = logging.getLogger("service.loading")
+log = logging.getLogger("service.backends")
 
 
 @dataclass

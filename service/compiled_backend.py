@@ -1,7 +1,9 @@
 """The torch.compile backend (`backend=torch-compile`): a loaded runner's torch model compiled with
 inductor, warmed at load on every input shape the runner will feed it, and checked against the eager
-model before it serves. Measured on 2 CPU cores (docs/performance.md, "torch.compile"): one lone
-MiniLM sentence about 1.4x faster, ResNet-50 sub-batches 1.1-1.3x; the cost is compiling at load.
+model before it serves. It pays most where Python's per-layer overhead is a large part of a forward
+pass (one short sentence) and on convolutions (oneDNN with prepacked weights); the cost is seconds to
+a minute of compiling per model at load, and the compiled graphs' memory (docs/performance.md,
+"torch.compile").
 
 - **Freezing** (inductor's `freezing`, on a CPU): the weights become constants of the graph, so
   oneDNN's convolutions get prepacked weights and fused activations. Without it compiled ResNet-50 ran

@@ -7,6 +7,8 @@ tokens, so one-token inputs come) and a ResNet (CPU sub-batches of 1 to 4 images
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -66,12 +68,14 @@ def test_compiled_model_answers_as_eager_and_never_compiles_at_request_time(name
     assert counters["stats"]["unique_graphs"] == graphs, "a request compiled a new graph"
 
 
-def test_a_model_that_does_not_compile_is_served_eagerly_with_the_reason(pristine_models, tmp_path):
+def test_a_model_that_does_not_compile_is_served_eagerly_with_the_reason(pristine_models, tmp_path, caplog):
     folder = make_models_dir(pristine_models, tmp_path, ["resnet"]) / "resnet"
     torch._dynamo.reset()  # nothing compiled by another test may stand in for this compilation
     # A machine without a C++ compiler (a slim image): inductor cannot build its CPU kernels.
-    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++")), "fx_graph_cache": False}):
+    with (torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++")), "fx_graph_cache": False}),
+          caplog.at_level(logging.WARNING, logger="service.backends")):
         runner = load(folder, settings(tmp_path, "torch-compile"))
+    assert "resnet: served by torch, not torch.compile: torch.compile failed" in caplog.text
     assert runner.backend.name == "torch"
     assert runner.backend.note.startswith("torch.compile failed:"), runner.backend.note
     assert not isinstance(runner.model, torch._dynamo.eval_frame.OptimizedModule)

@@ -123,7 +123,7 @@ def build_tiny_longformer(out):
 
 def test_a_model_that_does_not_export_stays_on_torch(tmp_path, caplog, cat_png):
     folder = build_tiny_longformer(tmp_path / "longformer")
-    with caplog.at_level(logging.WARNING, logger="service.loading"):
+    with caplog.at_level(logging.WARNING, logger="service.backends"):
         runner = load(folder, settings(tmp_path))
     assert runner.backend.name == "torch" and "fails on a probe batch" in runner.backend.note
     assert isinstance(runner.model, torch.nn.Module)
