@@ -41,8 +41,8 @@ class ModelInfo(BaseModel):
     results: dict[str, Any] | None = Field(None, description="all_results.json, when present.")
     loaded_at: float | None = None
     chat_template: bool = Field(False, description="Its tokenizer has a chat template: /v1/chat/completions serves it.")
-    backend: str | None = Field(None, description="What runs its forward passes once loaded: torch, onnx or onnx-int8 (ONNX Runtime; setting backend).")
-    backend_note: str | None = Field(None, description="Why it runs on torch when backend=onnx was asked for (or what the ONNX backend left out).")
+    backend: str | None = Field(None, description="What runs its forward passes once loaded: torch (eager), torch-compile (torch.compile), onnx or onnx-int8 (ONNX Runtime); setting backend.")
+    backend_note: str | None = Field(None, description="Why it runs on eager torch when another backend was asked for; or what the other backend runs (the shapes compiled, the int8 check).")
 
 
 class ModelList(BaseModel):
