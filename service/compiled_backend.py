@@ -22,6 +22,11 @@ a minute of compiling per model at load, and the compiled graphs' memory (docs/p
   GET /models.
 
 Text generation stays eager: its decoding steps change the KV cache's shapes every step.
+
+Compiling and running both stay on the torch thread (service/torch_thread.py): neither dynamo nor
+inductor is thread safe (pytorch/pytorch#118260, #136833), so a graph must never compile while
+another thread runs one. The price: while a changed folder is reloaded and compiled, the other
+models' requests wait for it.
 """
 
 from __future__ import annotations
