@@ -14,7 +14,8 @@ config and image processor) and a SmolLM2-135M-size Llama (its config and tokeni
 2. Serving, ours (`HF_SERVE_DTYPE=auto`: float16 on CUDA) against the docs' tutorial server
    (`benchmarks/tutorial_server.py` with the pipeline on `cuda:0` in float16, what a user adds there),
    closed-loop clients on the same machine: classifiers at 1 and 32 clients, the Llama at 1 and 8
-   (32 new greedy tokens each; tokens/s).
+   (32 new greedy tokens each; tokens/s). `--compile` adds ours with `HF_SERVE_BACKEND=torch-compile`
+   for the classifiers (about a minute more per model; triton needs a C compiler on the device).
 Prints one table; JSON in benchmarks/results/gpu-check.json (BENCH_RESULTS_DIR; $OUT on the device).
 
 The device machine has its own torch and transformers but not this project's serving and data
@@ -190,8 +191,9 @@ def serve_arms(models: dict, args) -> dict:
         levels = ([1, 2] if generation else [1, 4]) if args.quick else ([1, 8] if generation else [1, 32])
         n_requests = (4 if args.quick else 48) if generation else (16 if args.quick else 400)
         extra = {"tutorial": {"TUTORIAL_DEVICE": args.tutorial_device or "", "TUTORIAL_DTYPE": args.tutorial_dtype or ""},
-                 "ours": {"HF_SERVE_DEVICE": args.device}}
-        servers = {kind: Server(kind, name, task, folder, extra[kind]) for kind in ("tutorial", "ours")}
+                 "ours": {"HF_SERVE_DEVICE": args.device}, "ours-compile": {"HF_SERVE_DEVICE": args.device}}
+        kinds = ("tutorial", "ours") + (("ours-compile",) if args.compile and not generation else ())
+        servers = {kind: Server(kind, name, task, folder, extra[kind]) for kind in kinds}
         inputs = inputs_for(task, max(n_requests, 8))
         out[name] = {"task": task, "levels": {}}
         try:
@@ -206,7 +208,8 @@ def serve_arms(models: dict, args) -> dict:
                 value = "tokens_per_s" if generation else "throughput_rps"
                 print(f"  {name} c={c}: ours {row['ours'][value]:.1f}, tutorial {row['tutorial'][value]:.1f} "
                       f"({value}; {GEN_NEW_TOKENS} new tokens per request)" if generation else
-                      f"  {name} c={c}: ours {row['ours'][value]:.1f} req/s, tutorial {row['tutorial'][value]:.1f} req/s",
+                      f"  {name} c={c}: ours {row['ours'][value]:.1f} req/s, tutorial {row['tutorial'][value]:.1f} req/s"
+                      + (f", ours-compile {row['ours-compile'][value]:.1f} req/s" if "ours-compile" in row else ""),
                       flush=True)
         finally:
             for s in servers.values():
@@ -231,10 +234,12 @@ def report(results: dict) -> str:
         value = "tokens_per_s" if m["task"] == "text-generation" else "throughput_rps"
         unit = "tokens/s" if value == "tokens_per_s" else "req/s"
         for c, row in m["levels"].items():
-            o, t = row["ours"], row["tutorial"]
-            rows.append([f"serving {name}, {c} client(s) ({unit})", o[value], t[value],
-                         f"{o[value] / t[value]:.2f}x" if t[value] else "-",
-                         f"p50 {o['p50_ms']:.1f} / {t['p50_ms']:.1f} ms, errors {o['errors']} / {t['errors']}"])
+            t = row["tutorial"]
+            for kind in [k for k in ("ours", "ours-compile") if k in row]:
+                o = row[kind]
+                rows.append([f"serving {name}, {c} client(s) ({unit}){', torch-compile' if kind != 'ours' else ''}",
+                             o[value], t[value], f"{o[value] / t[value]:.2f}x" if t[value] else "-",
+                             f"p50 {o['p50_ms']:.1f} / {t['p50_ms']:.1f} ms, errors {o['errors']} / {t['errors']}"])
     return table(["what", "ours", "baseline", "ours / baseline", "notes (ours / baseline)"], rows)
 
 
@@ -246,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps of each run")
     parser.add_argument("--repeats", type=int, default=2, help="training runs of each arm, alternating")
     parser.add_argument("--max-length", type=int, default=128, help="truncation of the training texts")
+    parser.add_argument("--compile", action="store_true",
+                        help="also serve the classifiers with HF_SERVE_BACKEND=torch-compile (needs a C compiler for "
+                             "triton; compiling adds about a minute per model)")
     args = parser.parse_args(argv)
     if args.bundle:
         make_bundle(args.bundle)
