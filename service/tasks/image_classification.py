@@ -155,13 +155,16 @@ class ImageClassificationRunner(ClassifierRunner):
                                 for i in range(0, len(images), step)])
         return self.finish_rows(logits.float().cpu(), list(params))
 
-    def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
-        """Three images of different sizes and colours as one batch, and one alone."""
+    def _probe_images(self) -> list:
+        """Four images of different sizes and colours, prepared as requests are."""
         rng = np.random.default_rng(0)
         images = [Image.new("RGB", (32, 32), (128, 128, 128)),
-                  Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)),
-                  Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))]
-        prepared = [self.prepare((image, None))[0][0] for image in images]
+                  *(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 451), (64, 48), (500, 375)))]
+        return [self.prepare((image, None))[0][0] for image in images]
+
+    def onnx_probe(self) -> list[dict[str, torch.Tensor]]:
+        """Three images of different sizes and colours as one batch, and one alone."""
+        prepared = self._probe_images()[:3]
         return [{"pixel_values": self.pixel_values(prepared)}, {"pixel_values": self.pixel_values(prepared[:1])}]
 
     @property
@@ -173,9 +176,7 @@ class ImageClassificationRunner(ClassifierRunner):
     def compile_batches(self) -> list[dict[str, torch.Tensor]]:
         """One batch of each size the model is fed: 1 to CPU_IMAGES_PER_FORWARD images on a CPU; on a
         GPU one and two (dynamo's graphs for a batch of one and for any other size)."""
-        rng = np.random.default_rng(0)
-        images = [self.prepare((Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), None))[0][0]
-                  for h, w in ((300, 451), (64, 48), (224, 224), (500, 375))]
+        images = self._probe_images()
         sizes = range(1, self.CPU_IMAGES_PER_FORWARD + 1) if not self.compile_dynamic else (1, 2)
         return [{"pixel_values": self.pixel_values(images[:n])} for n in sizes]
 

@@ -100,18 +100,22 @@ class TextEncoder:
     # Inputs of different lengths, so that a probe batch is padded (ONNX export and its check).
     PROBE_TEXTS = ("Hello world", "A longer sentence, with some punctuation, to pad the others against.", "ok")
 
+    def _probe_encodings(self) -> list[dict]:
+        return [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
+
     def probe_batches(self) -> list[dict[str, torch.Tensor]]:
         """A padded batch of three texts and a single text, as `forward_rows` feeds the model."""
-        encodings = [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
+        encodings = self._probe_encodings()
         return [self.pad(encodings), self.pad(encodings[:1])]
 
     def compile_batches(self) -> list[dict[str, torch.Tensor]]:
         """Batches of every shape the compiled model must have a graph for before it serves
-        (service/compiled_backend.py): several inputs and one, of several tokens, and, where the
-        tokenizer adds no special tokens (so that a one-token input can come), of one token."""
-        encodings = [dict(self.tokenizer(t, truncation=True, max_length=self.max_length)) for t in self.PROBE_TEXTS]
-        batches = [self.pad(encodings), self.pad(encodings[:1])]
+        (service/compiled_backend.py): the probe batches (several inputs and one, of several tokens)
+        and, where the tokenizer adds no special tokens (so that a one-token input can come), the same
+        of one token."""
+        batches = self.probe_batches()
         if len(self.tokenizer("")["input_ids"]) <= 1:
+            encodings = self._probe_encodings()
             one_token = [{k: v[:1] for k, v in e.items()} for e in encodings[:2]]
             batches += [self.pad(one_token), self.pad(one_token[:1])]
         return [{k: v.to(self.model.device) for k, v in batch.items()} for batch in batches]
